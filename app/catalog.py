@@ -83,6 +83,10 @@ class Catalog(BaseModel):
             )
         return found
 
+    def has_model(self, model_id: str) -> bool:
+        """Whether ``model_id`` is in the catalog (case-insensitive, as ``model``)."""
+        return model_id in self.models or _find_casefold(self.models, model_id) is not None
+
     def gpu(self, gpu: str) -> GPUProfile:
         """The profile of a GPU id (``nvidia-t4-16gb``) or alias (``T4``, ``A100-80GB``, ``4090``)."""
         key = gpu.strip().lower()

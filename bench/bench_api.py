@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -89,11 +90,23 @@ def time_page(port: int, repeats: int = 20) -> dict[str, float]:
             "page_bytes": len(body)}
 
 
-def request_bytes(port: int) -> bytes:
-    body = json.dumps(QLORA_T4).encode()
+def request_bytes(port: int, workload: dict[str, Any] = QLORA_T4) -> bytes:
+    """A whole HTTP/1.1 ``POST /api/v1/estimate`` of ``workload``, ready to write to a socket."""
+    body = json.dumps(workload).encode()
     head = (f"POST /api/v1/estimate HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n")
     return head.encode() + body
+
+
+async def read_response(reader: asyncio.StreamReader) -> int:
+    """Reads one HTTP/1.1 response with a Content-Length (all the server sends) and returns its status."""
+    status = int((await reader.readline()).split()[1])
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    await reader.readexactly(length)
+    return status
 
 
 async def _client(port: int, payload: bytes, deadline: float, latencies: list[float], errors: list[int]) -> None:
@@ -102,12 +115,7 @@ async def _client(port: int, payload: bytes, deadline: float, latencies: list[fl
         while time.perf_counter() < deadline:
             start = time.perf_counter()
             writer.write(payload)
-            status = int((await reader.readline()).split()[1])
-            length = 0
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":", 1)[1])
-            await reader.readexactly(length)
+            status = await read_response(reader)
             latencies.append(time.perf_counter() - start)
             if status != 200:
                 errors.append(status)

@@ -293,3 +293,15 @@ def test_several_gpu_plan_exports(catalog: Catalog):
     files = export_files(chosen, catalog)
     assert "accelerate.yaml" in files
     assert yaml.safe_load(files["accelerate.yaml"])["num_processes"] == 4
+
+
+@pytest.mark.parametrize("name", ['org/model"; import os; os.system("id") #', 'x"""\nimport os\n"""', "a b; rm -rf ~", "ok/name\\"])
+def test_a_config_name_that_could_break_out_of_the_script_is_never_written_into_it(catalog: Catalog, name: str):
+    """Library callers skip the edge's check_config: the exporter itself keeps such a name out of train.py."""
+    config = {**catalog.model("meta-llama/Llama-3.2-1B").config, "_name_or_path": name}
+    workload = Workload(model=ModelSpec(config=config), training=Training(per_device_train_batch_size=1, max_seq_length=256),
+                        hardware=Hardware(gpu="A100-80GB"))
+    files = export_files(workload, catalog)
+    assert name not in files["train.py"]
+    compile(files["train.py"], "train.py", "exec")  # still a valid script
+    assert yaml.safe_load(files["config.yaml"])["workload"]["model"]["config"]["_name_or_path"] == name  # data in config.yaml

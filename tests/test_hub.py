@@ -362,3 +362,26 @@ def test_a_catalog_model_never_touches_the_hub(hub_url, catalog, settings):
     workload = Workload.model_validate(_body("meta-llama/Llama-2-7b-hf"))
     assert resolve_model_source(workload, catalog, HubConfigs(settings)) is workload
     assert FakeHub.requests == []
+
+
+def test_a_slow_hub_look_up_does_not_hold_up_estimates_of_catalog_models(hub_url, settings):
+    """The Hub is asked from the thread pool; catalog estimates are answered on the event loop meanwhile."""
+    import asyncio
+
+    import httpx
+
+    async def both() -> tuple[float, bool, int]:
+        transport = httpx.ASGITransport(app=create_app(settings))
+        async with httpx.AsyncClient(transport=transport, base_url="http://vramplan") as client:
+            slow = asyncio.create_task(client.post("/api/v1/estimate", json=_body("org/slow")))
+            await asyncio.sleep(0.3)  # the slow look-up is under way
+            start = time.monotonic()
+            quick = await client.post("/api/v1/estimate", json=_body("meta-llama/Llama-2-7b-hf"))
+            elapsed, slow_done = time.monotonic() - start, slow.done()
+            assert (await slow).status_code == 504
+            return elapsed, slow_done, quick.status_code
+
+    elapsed, slow_done, status = asyncio.run(both())
+    assert status == 200
+    assert not slow_done, "the catalog estimate was answered only after the Hub look-up ended"
+    assert elapsed < 1.0

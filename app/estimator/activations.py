@@ -18,6 +18,7 @@ causal mask, the encoder output, T5's cross-attention position bias).
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 
 from pydantic import BaseModel, ConfigDict
 
@@ -106,12 +107,20 @@ def block_activations(
 ) -> LayerActivations:
     """Saved bytes of one block during training (``decoder``: a decoder block of an
     encoder-decoder model, with cross-attention over the encoder output)."""
-    rules = _rules(arch, setup, workload, trainable)
-    size = int(dtype_bytes(setup.residual_dtype))
-    tape = _trace(arch, rules, size, decoder)
-    if tape.output_size != size:  # a block's input is the previous block's output (fp32 LayerNorm output under autocast)
+    return _traced_block(arch, _rules(arch, setup, workload, trainable), int(dtype_bytes(setup.residual_dtype)), decoder)
+
+
+@lru_cache(maxsize=1024)
+def _traced_block(arch: Architecture, rules: Rules, residual_size: int, decoder: bool) -> LayerActivations:
+    """The block's trace, memoized: a pure function of hashable, frozen inputs, and the costliest part
+    of an estimate (the planner and repeated API calls trace the same block many times)."""
+    tape = _trace(arch, rules, residual_size, decoder)
+    if tape.output_size != residual_size:  # a block's input is the previous block's output (fp32 LayerNorm output under autocast)
         tape = _trace(arch, rules, tape.output_size, decoder)
     return _summarize(tape)
+
+
+traced_block_cache_clear = _traced_block.cache_clear
 
 
 def _trace(arch: Architecture, rules: Rules, input_size: int, decoder: bool) -> Tape:

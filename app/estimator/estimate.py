@@ -6,7 +6,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 from app.catalog import Catalog, GPUProfile
-from app.estimator.model import ResolvedModel, resolve_model
+from app.estimator.activations import traced_block_cache_clear
+from app.estimator.model import ResolvedModel, resolve_config_cache_clear, resolve_model
 from app.estimator.overhead import NCCL_BUFFER_BYTES, coefficients_for, reserved_from_allocated
 from app.estimator.phases import PhasePeaks, phase_peaks
 from app.estimator.setup import resolve_setup
@@ -46,6 +47,12 @@ class Estimate(BaseModel):
     warnings: list[str]
     sources: dict[str, str]
     calibrated_with: dict[str, str]
+
+
+def clear_memo_caches() -> None:
+    """Forget the memoized configs and block traces (benchmarks time the cold path with this)."""
+    resolve_config_cache_clear()
+    traced_block_cache_clear()
 
 
 def estimate(workload: Workload, catalog: Catalog) -> Estimate:

@@ -43,3 +43,6 @@ def _resolve_config(name: str, config_json: str, transformers_version: str | Non
     config = json.loads(config_json)
     arch = read_architecture(config, transformers_version)
     return ResolvedModel(name=name, arch=arch, modules=list_modules(arch, config))
+
+
+resolve_config_cache_clear = _resolve_config.cache_clear

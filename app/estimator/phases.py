@@ -8,6 +8,8 @@ phase's live set is the sum of named terms; the estimate's terms are those of th
 
 from __future__ import annotations
 
+from collections import Counter
+
 from pydantic import BaseModel, ConfigDict
 
 from app.estimator.activations import block_activations
@@ -63,14 +65,13 @@ def training_activations(model: ResolvedModel, setup: Setup, workload: Workload)
     dec_len = decoder_tokens(arch, workload) // batch
     frozen = workload.training.frozen_layers
     encdec = arch.kind is Kind.encoder_decoder
-    kinds = {(setup.full_trainable and index >= frozen, encdec and index >= arch.num_layers) for index in range(arch.total_layers)}
+    # blocks of one kind (trainable or frozen, encoder or decoder) save the same bytes: count them
+    kinds = Counter((setup.full_trainable and index >= frozen, encdec and index >= arch.num_layers) for index in range(arch.total_layers))
     blocks = {kind: block_activations(arch, model.modules, setup, workload, kind[0], decoder=kind[1]) for kind in kinds}
-    per_block = []
-    for index in range(arch.total_layers):
-        is_decoder = encdec and index >= arch.num_layers
-        layer = blocks[(setup.full_trainable and index >= frozen, is_decoder)]
-        saved = layer.block_bytes(batch, dec_len, memory_len=enc_len) if is_decoder else layer.block_bytes(batch, enc_len)
-        per_block.append(int(saved / setup.tensor_parallel))
+    per_kind = {
+        kind: int((layer.block_bytes(batch, dec_len, memory_len=enc_len) if kind[1] else layer.block_bytes(batch, enc_len)) / setup.tensor_parallel)
+        for kind, layer in blocks.items()
+    }
     # gradient checkpointing keeps each block's input: the previous block's output, in its dtype
     output_size = max(layer.output_size for layer in blocks.values()) or int(dtype_bytes(setup.residual_dtype))
     hidden = tokens * arch.hidden_size * output_size
@@ -78,12 +79,11 @@ def training_activations(model: ResolvedModel, setup: Setup, workload: Workload)
     if workload.training.gradient_checkpointing:
         # bitsandbytes' 8-bit matmul keeps its input on ctx, out of checkpointing's reach
         # (autograd/_functions.py MatMul8bitLt: ``ctx.tensors = (CAt, subA, A)``)
-        kept = sum(blocks[(setup.full_trainable and index >= frozen, encdec and index >= arch.num_layers)].kept_under_checkpointing
-                   for index in range(arch.total_layers))
+        kept = sum(blocks[kind].kept_under_checkpointing * count for kind, count in kinds.items())
         saved = hidden * arch.total_layers + embeddings + int(kept * tokens / setup.tensor_parallel)
     else:
-        saved = sum(per_block) + embeddings
-    return ActivationBytes(saved=saved, one_block=max(per_block), autocast_cache=0)
+        saved = sum(per_kind[kind] * count for kind, count in kinds.items()) + embeddings
+    return ActivationBytes(saved=saved, one_block=max(per_kind.values()), autocast_cache=0)
 
 
 def phase_peaks(model: ResolvedModel, setup: Setup, workload: Workload, states: StateBytes) -> PhasePeaks:

@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from app.catalog import Catalog, GPUProfile
+from app.configcheck import NAME_OR_PATH
 from app.estimator.estimate import Estimate, estimate
 from app.estimator.model import ResolvedModel, resolve_model
 from app.estimator.setup import resolve_half_precision, resolve_weight_dtype
@@ -110,8 +111,10 @@ def export_settings(workload: Workload, catalog: Catalog) -> ExportSettings:
 
 
 def _config_name(workload: Workload) -> str | None:
+    """A pasted config's ``_name_or_path``, only when it cannot break out of the script's strings and
+    docstring (``check_config`` refuses the rest at the edge; this holds for library callers too)."""
     name = (workload.model.config or {}).get("_name_or_path")
-    return name if isinstance(name, str) and name else None
+    return name if isinstance(name, str) and NAME_OR_PATH.fullmatch(name) else None
 
 
 def _exportable_loss(workload: Workload) -> tuple[Workload, list[str]]:

@@ -119,12 +119,10 @@ if __name__ == "__main__":
     main()
 '''
 
-MAIN_SEQ2SEQ = '''
-def main(argv=None):
-    args = parse_args(argv)
-    configs = build_configs(args)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = load_model(args, configs["quantization_config"])
+# Trainer and Seq2SeqTrainer take a model with its adapters already on (SFTTrainer adds them itself).
+ADAPT = '''
+def adapt(model, configs):
+    """Freeze the plan's first blocks, then put the PEFT adapters on (in the plan's adapter dtype)."""
     if FROZEN_LAYERS:
         freeze_first_blocks(model, FROZEN_LAYERS)
     if configs["peft_config"] is not None:
@@ -132,6 +130,17 @@ def main(argv=None):
         if configs["training_args"].activation_checkpointing:
             model.enable_input_require_grads()
         cast_trainable(model, ADAPTER_DTYPE)
+    return model
+
+'''
+
+MAIN_SEQ2SEQ = ADAPT + '''
+def main(argv=None):
+    args = parse_args(argv)
+    configs = build_configs(args)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = load_model(args, configs["quantization_config"])
+    model = adapt(model, configs)
 
     def tokenize(batch):
         features = tokenizer(batch[args.source_column], max_length=MAX_LENGTH, truncation=True)
@@ -156,7 +165,7 @@ if __name__ == "__main__":
     main()
 '''
 
-MAIN_CLASSIFICATION = '''
+MAIN_CLASSIFICATION = ADAPT + '''
 def main(argv=None):
     args = parse_args(argv)
     configs = build_configs(args)
@@ -164,13 +173,7 @@ def main(argv=None):
     dataset = load_data(args)
     num_labels = len(set(dataset[args.label_column]))
     model = load_model(args, configs["quantization_config"], num_labels=num_labels)
-    if FROZEN_LAYERS:
-        freeze_first_blocks(model, FROZEN_LAYERS)
-    if configs["peft_config"] is not None:
-        model = get_peft_model(model, configs["peft_config"])
-        if configs["training_args"].activation_checkpointing:
-            model.enable_input_require_grads()
-        cast_trainable(model, ADAPTER_DTYPE)
+    model = adapt(model, configs)
 
     def tokenize(batch):
         features = tokenizer(batch[args.text_column], max_length=MAX_LENGTH, truncation=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -350,7 +351,7 @@ def _get_peft_model(model: nn.Module, config: Any, workload: Workload) -> nn.Mod
     # (torch/nn/modules/module.py:984-990); on meta it leaves them be (peft tuners_utils.py:2199).
     if any(_is_fake(parameter) for parameter in model.parameters()):
         _to_meta(model, _copied_modules(config))
-        with _real_tensors(), torch.device("meta"):
+        with _real_tensors(), torch.device("meta"), _dora_magnitude_by_shape():
             peft_model = get_peft_model(model, config)
         _materialize_meta_parameters(peft_model)
     else:
@@ -358,6 +359,33 @@ def _get_peft_model(model: nn.Module, config: Any, workload: Workload) -> nn.Mod
     if workload.training.gradient_checkpointing:
         peft_model.enable_input_require_grads()
     return peft_model
+
+
+@contextmanager
+def _dora_magnitude_by_shape() -> Iterator[None]:
+    """DoRA's magnitude made from shapes and dtypes only: PEFT computes it as the norm of the base
+    weight plus the LoRA product (peft/tuners/lora/dora.py ``DoraLinearLayer.update_layer``), which
+    mixes the fake base weights with the new meta adapters. Its values never matter here; its
+    length (out features, ``lora_B``'s rows) and dtype (the base weight's, dequantized, promoted
+    with the adapters', as ``get_weight_norm`` returns it) are PEFT's."""
+    import torch
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    def update_layer(self: Any, *, base_layer: Any, lora_A: Any, lora_B: Any, scaling: float, place_on_cpu: bool = False) -> None:
+        weight = base_layer.weight
+        quant_state = getattr(weight, "quant_state", None)
+        base_dtype = quant_state.dtype if quant_state is not None else weight.dtype
+        if not base_dtype.is_floating_point:  # LLM.int8 weights dequantize to fp16 (peft/utils/integrations.py)
+            base_dtype = torch.float16
+        dtype = torch.promote_types(base_dtype, lora_A.dtype)
+        self.weight = torch.nn.Parameter(torch.empty(lora_B.shape[0], dtype=dtype, device="meta"), requires_grad=True)
+
+    original = DoraLinearLayer.update_layer
+    DoraLinearLayer.update_layer = update_layer
+    try:
+        yield
+    finally:
+        DoraLinearLayer.update_layer = original
 
 
 def apply_peft(model: nn.Module, workload: Workload) -> nn.Module:

@@ -42,6 +42,7 @@ def simulation_environment(mode: Mode, emulate_cuda: bool, arch: GpuArch, mixed_
         if mode == "fake":
             stack.enter_context(FakeTensorMode())
             stack.enter_context(patches.causal_sdpa_for_fake_tensors())
+            stack.enter_context(patches.peft_dequantizes_fake_4bit())
         else:
             torch.manual_seed(0)
         if emulate_cuda:

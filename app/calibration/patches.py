@@ -93,6 +93,35 @@ def bnb_code_maps() -> Iterator[None]:
         bnb_functional.name2qmap.update(saved)
 
 
+@contextmanager
+def peft_dequantizes_fake_4bit() -> Iterator[None]:
+    """PEFT's ``dequantize_module_weight`` (peft/utils/integrations.py, used by DoRA) for the
+    simulation's 4-bit weights.
+
+    A simulated Linear4bit keeps a plain Parameter with Params4bit's attributes (build.py: Params4bit
+    cannot wrap a FakeTensor), which PEFT takes for an unquantized weight and returns packed. On a
+    GPU ``dequantize_4bit`` allocates the weight in ``quant_state``'s shape and dtype
+    (bitsandbytes/functional.py): that tensor is made here; its values never matter.
+    """
+    import torch
+    from peft.tuners.lora import dora
+    from peft.utils import integrations
+
+    original = integrations.dequantize_module_weight
+
+    def dequantize_module_weight(module: Any) -> Any:
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is not None and getattr(weight, "bnb_quantized", False) and type(weight).__name__ != "Params4bit":
+            return torch.empty(tuple(state.shape), dtype=state.dtype, device=weight.device)
+        return original(module)
+
+    with ExitStack() as stack:
+        stack.enter_context(patched(integrations, "dequantize_module_weight", dequantize_module_weight))
+        stack.enter_context(patched(dora, "dequantize_module_weight", dequantize_module_weight))
+        yield
+
+
 def disable_cpu_4bit_packing(model: Any) -> None:
     """Keep ``Linear4bit`` in the layout a GPU uses.
 

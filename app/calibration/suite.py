@@ -39,6 +39,7 @@ GPT2_MEDIUM = "openai-community/gpt2-medium"
 BERT = "google-bert/bert-base-uncased"
 LLAMA2 = "meta-llama/Llama-2-7b-hf"
 LLAMA3_1B = "meta-llama/Llama-3.2-1B"
+LLAMA3_3B = "meta-llama/Llama-3.2-3B"
 LLAMA3_8B = "meta-llama/Llama-3.1-8B"
 MISTRAL = "mistralai/Mistral-7B-v0.1"
 QWEN_05 = "Qwen/Qwen2.5-0.5B"
@@ -127,6 +128,12 @@ SUITE: list[dict[str, Any]] = [
     # Mixtral (mixture of experts)
     _case("mixtral-8x7b lora b1 s512", MIXTRAL, "lora", targets=["q_proj", "v_proj"]),
     _case("mixtral-8x7b inference b1 s1024", MIXTRAL, "inference", seq=1024, gpu="nvidia-h200-141gb"),
+    # DoRA (peft/tuners/lora/dora.py): its weight-norm transient, and what it saves beyond LoRA
+    _case("llama3.2-1b dora all gc b1 s256", LLAMA3_1B, "lora", seq=256, extra={"lora": {"use_dora": True}}),
+    _case("llama3.2-3b dora qv bf16-weights no-gc b4 s768", LLAMA3_3B, "lora", batch=4, seq=768, r=32, targets=["q_proj", "v_proj"],
+          precision="none", optim="adamw_torch", gc=False, extra={"lora": {"use_dora": True}}),
+    _case("llama2-7b qdora gc b1 s256", LLAMA2, "qlora", seq=256, extra={"lora": {"use_dora": True}}),
+    _case("gpt2 dora dropout no-gc b8 s512", GPT2, "lora", batch=8, gc=False, extra={"lora": {"use_dora": True, "lora_dropout": 0.1}}),
     # gradient accumulation and frozen layers
     _case("llama3.2-1b full ga4 b2 s1024", LLAMA3_1B, "full", batch=2, seq=1024, extra={"training": {"gradient_accumulation_steps": 4}}),
     _case("qwen2.5-0.5b full frozen12 b4 s1024", QWEN_05, "full", batch=4, seq=1024, extra={"training": {"frozen_layers": 12}}),

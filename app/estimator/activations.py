@@ -146,6 +146,7 @@ def _rules(arch: Architecture, setup: Setup, workload: Workload, trainable: bool
             adapter_size=int(dtype_bytes(lora.adapter_dtype)),
             dropout=lora.lora_dropout,
             cast_input=not (setup.precision is Precision.quantized and setup.autocast is not None),
+            dora=lora.use_dora,
         )
     weight_size, linear_weight_size = _weight_sizes(setup)
     return Rules(

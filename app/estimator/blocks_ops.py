@@ -72,6 +72,7 @@ class LoraRules:
     adapter_size: int
     dropout: float
     cast_input: bool = True  # False: bitsandbytes LoRA layers under autocast keep x's dtype (peft/tuners/lora/bnb.py)
+    dora: bool = False  # DoRA: the magnitude rescales base and LoRA outputs (peft/tuners/lora/dora.py DoraLinearLayer)
 
 
 @dataclass(frozen=True)
@@ -186,9 +187,10 @@ def linear(tape: Tape, x: Tensor, name: str, out_width: float, *, weight_view: b
         tape.save(xin)
     if rules.autocast and rules.linear_weight_size > rules.compute_size and (weight_view or not rules.trainable):
         tape.save_constant(x.width * out_width * rules.compute_size)
+    out = tape.new(out_width, rules.compute_size, like=x, heads_first=False, storage_width=0.0)
     if rules.lora is not None and name in rules.lora.targets:
-        _lora_branch(tape, x)
-    return tape.new(out_width, rules.compute_size, like=x, heads_first=False, storage_width=0.0)
+        return _lora_branch(tape, x, out)
+    return out
 
 
 def _bnb_linear(tape: Tape, x: Tensor, name: str, out_width: float) -> Tensor:
@@ -201,14 +203,16 @@ def _bnb_linear(tape: Tape, x: Tensor, name: str, out_width: float) -> Tensor:
     if tape.rules.bnb_bits == 8:
         tape.save(x)
         tape.unhooked.add(x.key)  # ``ctx.tensors = (CAt, subA, A)``: not save_for_backward
+    out = tape.new(out_width, x.size, like=x, heads_first=False, storage_width=0.0)
     if tape.rules.lora is not None and name in tape.rules.lora.targets:
-        _lora_branch(tape, x)
-    return tape.new(out_width, x.size, like=x, heads_first=False, storage_width=0.0)
+        return _lora_branch(tape, x, out)
+    return out
 
 
-def _lora_branch(tape: Tape, x: Tensor) -> None:
+def _lora_branch(tape: Tape, x: Tensor, base_out: Tensor) -> Tensor:
     """``lora_B(lora_A(dropout(x.to(adapter dtype))))``: lora_A saves its (cast) input, lora_B
-    lora_A's output (peft/tuners/lora/layer.py Linear.forward, ``_cast_input_dtype``)."""
+    lora_A's output (peft/tuners/lora/layer.py Linear.forward, ``_cast_input_dtype``). The layer
+    returns ``(result + lora) .to(result dtype)``: a new tensor of the base output's shape and dtype."""
     lora = tape.rules.lora
     assert lora is not None
     with tape.section(Part.lora):
@@ -218,6 +222,41 @@ def _lora_branch(tape: Tape, x: Tensor) -> None:
         tape.save(a_in)
         a_out = tape.new(lora.rank, tape.rules.compute_size if tape.rules.autocast else lora.adapter_size, like=x)
         tape.save(lowered(tape, a_out))
+        if lora.dora:
+            _dora(tape, x.width, xa, base_out)
+    return tape.new(base_out.width, base_out.size, like=base_out)
+
+
+def _dora(tape: Tape, in_width: float, xa: Tensor, base_out: Tensor) -> None:
+    """What DoRA saves beyond LoRA (peft/tuners/lora/dora.py ``DoraLinearLayer.forward``, with
+    variants.py ``DoraLinearVariant``): ``weight_norm`` (detached; kept by the division
+    ``magnitude / weight_norm``), ``mag_norm_scale`` and ``mag_norm_scale - 1`` (kept by the two
+    products), the LoRA output ``lora_B(lora_A(x))`` (kept by ``mag_norm_scale * lora_result``) and
+    the base result (kept by ``(mag_norm_scale - 1) * base_result``): the base layer's own output
+    without dropout, else ``F.linear(dropout(x), weight.to(x.dtype))`` computed again, which also
+    keeps its weight. ``lora_weight = lora_B(lora_A(eye)).T`` and the norm's sums are transients
+    (their graph dies with the forward call: only ``lora_weight.detach()`` is used)."""
+    rules, lora = tape.rules, tape.rules.lora
+    assert lora is not None
+    out_width = base_out.width
+    scale_size = promote(lora.adapter_size, xa.size)  # magnitude (adapter dtype) / weight_norm (x's dtype)
+    tape.save_constant(out_width * (xa.size + 2 * scale_size))
+    tape.save(tape.new(out_width, rules.compute_size if rules.autocast else lora.adapter_size, like=xa))
+    if lora.dropout <= 0:
+        tape.save(base_out)
+        return
+    tape.save_constant(in_width * out_width * _dora_weight_size(rules, xa.size))
+    tape.save(tape.new(out_width, rules.compute_size if rules.autocast else xa.size, like=xa))
+
+
+def _dora_weight_size(rules: Rules, x_size: int) -> int:
+    """Bytes per element of the weight DoRA's recomputed ``F.linear`` keeps: none when that is the
+    frozen parameter itself, else the dequantized or cast copy (a new one per call: autocast caches
+    only casts of weights that train)."""
+    if rules.autocast and x_size != rules.compute_size:
+        return rules.compute_size
+    is_parameter = not rules.bnb_bits and rules.linear_weight_size == x_size
+    return 0 if is_parameter else x_size
 
 
 def dropout(tape: Tape, x: Tensor, p: float, part: Part | None = Part.dropout) -> Tensor:

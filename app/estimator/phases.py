@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from app.estimator.activations import block_activations
 from app.estimator.architecture import Architecture, Kind
 from app.estimator.autocast import autocast_copies
+from app.estimator.dora import dora_transient_bytes
 from app.estimator.logits import decoder_tokens, kv_cache_bytes, logits_buffers, tokens_per_micro_batch
 from app.estimator.model import ResolvedModel
 from app.estimator.params import ModuleKind
@@ -103,18 +104,25 @@ def phase_peaks(model: ResolvedModel, setup: Setup, workload: Workload, states: 
     # gradient checkpointing; either way one block's worth, with nearly every gradient present.
     last_block = acts.one_block
     dequant = states.largest_weight_bytes + states.gathered_layer_bytes
+    # DoRA's weight norm (dora.py) follows its layer's own dequantization, which is freed by then;
+    # backward builds it again only when checkpointing recomputes the forward
+    layer_transient = max(dequant, dora_transient_bytes(model, setup, workload) + states.gathered_layer_bytes)
+    backward_transient = layer_transient if gc else dequant
     phases: dict[str, dict[str, int]] = {
         "forward": {**static, "gradients": grads_in_forward, "activations": acts.saved,
                     "logits_and_loss": logits_fwd, "autocast_weight_cache": copies.forward, "transient": dequant},
+        # inside the last block's forward, before the logits exist: DoRA's weight norm (dora.py)
+        "forward_last_block": {**static, "gradients": grads_in_forward, "activations": acts.saved, "logits_and_loss": 0,
+                               "autocast_weight_cache": copies.forward, "transient": layer_transient},
         "backward": {**static, "gradients": max(grads_in_forward, _head_gradient(model, setup, states)),
                      "activations": acts.saved, "logits_and_loss": logits_bwd,
                      "autocast_weight_cache": copies.backward, "transient": dequant},
         # with checkpointing, the last block is recomputed while every checkpoint is still held
         "backward_first_block": {**static, "gradients": max(grads_in_forward, _head_gradient(model, setup, states)),
                                  "activations": acts.saved + (acts.one_block if gc else 0) + _hidden_grad(model, setup, workload),
-                                 "logits_and_loss": 0, "autocast_weight_cache": copies.backward, "transient": dequant},
+                                 "logits_and_loss": 0, "autocast_weight_cache": copies.backward, "transient": backward_transient},
         "backward_end": {**static, "gradients": states.gradients, "activations": last_block + _hidden_grad(model, setup, workload),
-                         "logits_and_loss": 0, "autocast_weight_cache": 0, "transient": dequant + _tied_gradient(model, setup, states)},
+                         "logits_and_loss": 0, "autocast_weight_cache": 0, "transient": backward_transient + _tied_gradient(model, setup, states)},
         "optimizer": {**static, "gradients": states.gradients, "activations": 0, "logits_and_loss": 0,
                       "autocast_weight_cache": 0, "transient": states.optimizer_step_temporary},
     }
@@ -152,9 +160,11 @@ def _pick(phases: dict[str, dict[str, int]], long_lived: int) -> PhasePeaks:
     totals = {name: sum(terms.values()) for name, terms in phases.items()}
     peak_phase = max(totals, key=lambda name: totals[name])
     terms = {name: value for name, value in phases[peak_phase].items()}
+    forward = [name for name in totals if name.startswith("forward")]
     backward = [name for name in totals if name.startswith("backward")]
-    by_phase = {"forward": totals["forward"], "backward": max(totals[name] for name in backward), "optimizer": totals["optimizer"]}
-    label = "backward" if peak_phase in backward else peak_phase
+    by_phase = {"forward": max(totals[name] for name in forward), "backward": max(totals[name] for name in backward),
+                "optimizer": totals["optimizer"]}
+    label = "backward" if peak_phase in backward else "forward" if peak_phase in forward else peak_phase
     peak = totals[peak_phase]
     return PhasePeaks(peak_bytes=peak, peak_phase=label, terms=terms, by_phase=by_phase, transient_bytes=max(peak - long_lived, 0))
 

@@ -73,4 +73,9 @@ def _training_warnings(workload: Workload, model: ResolvedModel) -> list[str]:
         )
     if weight_dtype in SIXTEEN_BIT and workload.training.optim.value.startswith("adamw_torch") and full:
         warnings.append("pure 16-bit AdamW (states in the weights' dtype) loses precision; load in float32 with bf16=True for mixed precision")
+    lora = workload.lora
+    if lora is not None and lora.use_dora and lora.lora_dropout > 0:
+        # peft/tuners/lora/variants.py DoraLinearVariant.forward: base_result only without dropout
+        warnings.append("DoRA with lora_dropout > 0 computes every adapted layer's base output a second time and keeps a copy of its "
+                        "weight for backward (PEFT's dora.py): lora_dropout=0 reuses the base output and saves that memory")
     return warnings

@@ -36,6 +36,14 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "llama adafactor": (TINY_LLAMA, {"training": {"optim": "adafactor"}}),
     "llama sgd, frozen first block": (TINY_LLAMA, {"training": {"optim": "sgd", "frozen_layers": 1}}),
     "llama 8-bit adamw": (TINY_LLAMA, {"training": {"optim": "adamw_8bit"}}),
+    "llama dora all-linear, bf16 mixed": (TINY_LLAMA, {"lora": {"r": 8, "target_modules": "all-linear", "use_dora": True}, "training": {"bf16": True}}),
+    "llama dora with dropout, checkpointing": (
+        TINY_LLAMA, {"lora": {**LORA, "use_dora": True}, "training": {"gradient_checkpointing": True}},
+    ),
+    "llama qdora (4-bit dora)": (
+        TINY_LLAMA,
+        {"model": {"dtype": "bfloat16"}, "quantization": QLORA_4BIT, "lora": {**LORA, "use_dora": True}, "training": {"bf16": True}},
+    ),
     "llama ia3": (TINY_LLAMA, {"peft": {"peft_type": "IA3"}}),
     "llama prompt tuning": (TINY_LLAMA, {"peft": {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 8}}),
     "llama prefix tuning": (TINY_LLAMA, {"peft": {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 8}}),

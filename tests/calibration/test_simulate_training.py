@@ -114,3 +114,29 @@ def test_lora_on_a_classifier_model_simulates_with_the_copied_head() -> None:
     result = simulate(workload, TINY_BERT)
     assert result.peak_bytes > 0
     assert result.trainable_parameters > 0
+
+
+# Wide layers, few tokens: DoRA's per-call weight norm is nearly all the forward's temporaries.
+WIDE_LAYERS = dict(TINY_LLAMA, hidden_size=512, intermediate_size=2048, num_attention_heads=8, num_key_value_heads=8)
+
+
+@pytest.mark.parametrize(("dtype", "bf16", "quantization"), [("float32", False, None), ("bfloat16", True, None), ("bfloat16", True, QLORA_4BIT)],
+                         ids=["fp32", "bf16-autocast", "4bit"])
+def test_dora_weight_norm_transient_equals_the_simulated_one(catalog, dtype: str, bf16: bool, quantization) -> None:
+    """dora.py's largest-layer transient (eye, its 16-bit copy, the LoRA product, the cast weight,
+    the scaled product and the sum) against the temporaries at the simulated forward peak."""
+    from app.estimator.dora import dora_transient_bytes
+    from app.estimator.model import resolve_model
+    from app.estimator.setup import resolve_setup
+
+    blocks = {"model": {"dtype": dtype}, "lora": {"r": 8, "target_modules": "all-linear", "use_dora": True},
+              "training": {"per_device_train_batch_size": 1, "max_seq_length": 8, "bf16": bf16}}
+    if quantization:
+        blocks["quantization"] = quantization
+    workload = make_workload(WIDE_LAYERS, **blocks)
+    _, tracker = simulate_with_tracker(workload, WIDE_LAYERS)
+    simulated = tracker.live_by_category_at(tracker.phase_peaks[(1, "forward")].event_index)["temporaries"]
+    model = resolve_model(workload.model, catalog, workload.software)
+    estimated = dora_transient_bytes(model, resolve_setup(workload, model.arch, model.modules, catalog.gpu("A100-80GB")), workload)
+    assert estimated > 2**20
+    assert abs(simulated - estimated) <= 0.01 * estimated, f"simulated {simulated:,} B, estimated {estimated:,} B"

@@ -25,6 +25,7 @@ Autocast's cached 16-bit copies of fp32 weights are left out: phases.py counts t
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -103,6 +104,11 @@ MODES: dict[str, dict[str, Any]] = {
     "dropout": {"dtype": "bfloat16", "bf16": True, "attn": "eager", "dropout": True},
     "lora_dropout": {"dtype": "bfloat16", "bf16": True, "lora": {"target_modules": "all-linear", "lora_dropout": 0.1}},
     "amp_lora": {"dtype": "float32", "bf16": True, "lora": {"target_modules": "all-linear"}},
+    "dora": {"dtype": "bfloat16", "bf16": True, "lora": {"target_modules": "all-linear", "use_dora": True}},
+    "dora_no_autocast": {"dtype": "bfloat16", "bf16": False, "lora": {"target_modules": "all-linear", "use_dora": True}},
+    "dora_dropout": {"dtype": "bfloat16", "bf16": True, "lora": {"target_modules": "all-linear", "use_dora": True, "lora_dropout": 0.1}},
+    "dora_dropout_no_autocast": {"dtype": "bfloat16", "bf16": False,
+                                 "lora": {"target_modules": "all-linear", "use_dora": True, "lora_dropout": 0.1}},
 }
 MAIN_MODES = ("bf16", "bf16_no_autocast", "amp", "lora_all_linear", "lora_default_targets")
 # Eager attention, dropout masks, LoRA dropout and LoRA on fp32 weights under autocast, on one
@@ -112,7 +118,13 @@ EXTRA_CASES = [
     for family in ("llama", "gpt2", "gpt_bigcode", "bert", "falcon", "opt", "bloom", "gpt_neox", "phi", "phi3", "t5")
     for mode in ("eager", "dropout", "lora_dropout", "amp_lora")
     if not (family == "bloom" and mode == "eager")  # BLOOM is eager in every case
-] + [("mixtral", "amp_lora"), ("qwen2_moe", "amp_lora")]
+] + [("mixtral", "amp_lora"), ("qwen2_moe", "amp_lora")] + [
+    # DoRA (peft/tuners/lora/dora.py): with and without autocast and LoRA dropout; Conv1D (gpt2),
+    # fused qkv (falcon, bloom), encoder (bert) and encoder-decoder (t5) layouts
+    (family, mode)
+    for family in ("llama", "gpt2", "falcon", "bert", "t5")
+    for mode in ("dora", "dora_no_autocast", "dora_dropout", "dora_dropout_no_autocast")
+]
 CASES = [(family, mode) for family in CONFIGS for mode in MAIN_MODES] + EXTRA_CASES
 
 
@@ -191,12 +203,12 @@ def _saved_bytes(model: Any, setting: dict[str, Any], batch: int, seq: int, memo
     """Bytes of the storages autograd saves in one forward (parameters and autocast's weight cache
     excluded), with CUDA's LayerNorm statistics."""
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
+    packed: list[tuple[weakref.ref[Any], int, int]] = []
 
     def pack(tensor: Any) -> Any:
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in parameters:
-            saved.setdefault(storage.data_ptr(), storage.nbytes())
+            packed.append((weakref.ref(tensor), storage.data_ptr(), storage.nbytes()))
         return tensor
 
     generator = torch.Generator().manual_seed(1)
@@ -205,6 +217,9 @@ def _saved_bytes(model: Any, setting: dict[str, Any], batch: int, seq: int, memo
         inputs["decoder_input_ids"] = torch.randint(1, 100, (batch, seq), generator=generator)
     with _cuda_behaviour(setting["bf16"]) as weight_casts, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         logits = model(**inputs).logits
+    # only what a graph still holds once the forward is done: a graph that died inside it (DoRA's
+    # lora_B(lora_A(eye)), of which only a detached copy is used) kept its tensors for a moment only
+    saved = {key: nbytes for ref, key, nbytes in packed if ref() is not None}
     total = sum(nbytes for key, nbytes in saved.items() if key not in weight_casts)
     return total + _cuda_layer_norm_statistics(logits.grad_fn, saved)
 

@@ -83,6 +83,19 @@ def test_flash_attention_2_on_a_v100_is_warned(catalog):
     assert any("FlashAttention-2" in warning for warning in result.warnings)
 
 
+def test_dora_with_lora_dropout_is_warned_and_costs_a_second_base_output(catalog):
+    """peft DoraLinearVariant: with dropout the base output is computed again (and its weight kept)."""
+    def dora(dropout: float):
+        return run_estimate(catalog, {"model": {"id": "meta-llama/Llama-2-7b-hf", "dtype": "bfloat16"},
+                                      "lora": {"r": 16, "target_modules": "all-linear", "use_dora": True, "lora_dropout": dropout},
+                                      "training": {"max_seq_length": 512, "gradient_checkpointing": False, "bf16": True}})
+    with_dropout, without = dora(0.05), dora(0.0)
+    assert any("DoRA with lora_dropout > 0" in warning for warning in with_dropout.warnings)
+    assert not any("DoRA" in warning for warning in without.warnings)
+    # every adapted layer keeps a bf16 copy of its weight: about the model's 13 GB of linear weights
+    assert with_dropout.terms["activations"] - without.terms["activations"] > 12 * 10**9
+
+
 def test_a_model_too_large_for_any_gpu_is_warned(catalog):
     result = run_estimate(catalog, {"model": {"id": "meta-llama/Llama-3.1-405B", "dtype": "float32"}, "training": {"bf16": True}})
     assert any("more than any GPU" in warning for warning in result.warnings)

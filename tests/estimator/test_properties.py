@@ -68,6 +68,14 @@ def test_longer_sequences_never_use_less_memory(model_id, method, seq, extra, ch
 
 
 @SETTINGS
+@given(models, st.sampled_from(["lora", "qlora"]), st.integers(1, 8), st.sampled_from([128, 512, 2048]), gc)
+def test_dora_never_uses_less_memory_than_the_same_lora(model_id, method, batch, seq, checkpointing):
+    lora = workload(model_id, method, batch=batch, seq=seq, gc=checkpointing)
+    dora = lora.model_copy(update={"lora": lora.lora.model_copy(update={"use_dora": True})})
+    assert at_least(peaks(dora), peaks(lora))
+
+
+@SETTINGS
 @given(st.sampled_from(DECODERS), st.sampled_from(["lora", "qlora", "int8-lora"]), st.integers(1, 128), st.integers(1, 128))
 def test_larger_lora_rank_never_uses_less_memory(model_id, method, r, extra):
     assert at_least(peaks(workload(model_id, method, r=r + extra)), peaks(workload(model_id, method, r=r)))

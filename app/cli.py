@@ -50,6 +50,7 @@ def _add_workload_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attn", help="attn_implementation: sdpa, eager, flash_attention_2")
     parser.add_argument("--lora-r", type=int)
     parser.add_argument("--lora-targets", help="comma-separated module names, or all-linear")
+    parser.add_argument("--dora", action=argparse.BooleanOptionalAction, default=None, help="DoRA (LoraConfig use_dora)")
     parser.add_argument("--strategy", choices=["none", "ddp", "zero1", "zero2", "zero3", "fsdp"])
     parser.add_argument("--json", action="store_true", help="print JSON")
 
@@ -121,13 +122,15 @@ def _apply_flags(args: argparse.Namespace, data: dict[str, Any]) -> None:
     hardware = dict(data.get("hardware") or {})
     if args.method:
         _method_blocks(args.method, data, args.lora_r, args.lora_targets)
-    if args.lora_r is not None or args.lora_targets:
+    if args.lora_r is not None or args.lora_targets or args.dora is not None:
         lora = data.setdefault("lora", {}) or {}
         data["lora"] = lora
         if args.lora_r is not None:
             lora["r"] = args.lora_r
         if args.lora_targets:
             lora["target_modules"] = args.lora_targets
+        if args.dora is not None:
+            lora["use_dora"] = args.dora
     is_inference = data.get("task") == "inference"
     _set(training if not is_inference else inference, "per_device_train_batch_size" if not is_inference else "batch_size", args.batch_size)
     _set(training if not is_inference else inference, "max_seq_length" if not is_inference else "prompt_tokens", args.seq_len)

@@ -43,6 +43,7 @@ class WorkloadForm(BaseModel):
     double_quant: bool = True
     lora_r: int = 16
     lora_targets: str = Field(default="all-linear", max_length=500, description="all-linear, module names, or empty for PEFT's default")
+    dora: bool = False
     batch_size: int = 2
     seq_len: int = 2048
     grad_accum: int = 1
@@ -70,6 +71,8 @@ class WorkloadForm(BaseModel):
         data: dict[str, Any] = {"model": model, "task": "inference" if self.method == "inference" else "train"}
         if self.method in LORA_METHODS:
             data["lora"] = {"r": self.lora_r} | ({"target_modules": self.lora_targets.strip()} if self.lora_targets.strip() else {})
+            if self.dora:
+                data["lora"]["use_dora"] = True
         if self.method == "qlora":
             data["quantization"] = {"load_in_4bit": True, "bnb_4bit_quant_type": self.quant_type,
                                     "bnb_4bit_use_double_quant": self.double_quant}
@@ -113,6 +116,8 @@ class WorkloadForm(BaseModel):
             flags.append(("--max-new-tokens", str(self.max_new_tokens)))
         if self.method in LORA_METHODS:
             flags += [("--lora-r", str(self.lora_r)), ("--lora-targets", self.lora_targets.strip())]
+            if self.dora:
+                flags.append(("--dora",))
         flags += [("--grad-accum", str(self.grad_accum)),
                   ("--gradient-checkpointing",) if self.gradient_checkpointing else ("--no-gradient-checkpointing",),
                   ("--optim", self.optim.value), ("--attn", self.attn.value)]
@@ -224,7 +229,8 @@ def form_from_workload(workload: Workload) -> WorkloadForm | None:
     }
     if workload.lora is not None:
         targets = workload.lora.target_modules
-        values |= {"lora_r": workload.lora.r, "lora_targets": targets if isinstance(targets, str) else ",".join(targets or [])}
+        values |= {"lora_r": workload.lora.r, "lora_targets": targets if isinstance(targets, str) else ",".join(targets or []),
+                   "dora": workload.lora.use_dora}
     if quant is not None and quant.load_in_4bit:
         values |= {"quant_type": quant.bnb_4bit_quant_type, "double_quant": quant.bnb_4bit_use_double_quant}
     form = WorkloadForm.model_validate(values)

@@ -316,6 +316,8 @@ FORMS = [
     {"method": "qlora", "quant_type": "fp4", "double_quant": "false", "grad_accum": "16"},
     {"config": json.dumps({"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257}), "method": "lora"},
     {"method": "lora", "lora_targets": ""},
+    {"method": "lora", "dora": "true", "lora_r": "32", "lora_targets": "q_proj,v_proj"},
+    {"method": "qlora", "dora": "true"},
     {"extra": json.dumps({"lora": {"lora_alpha": 32}, "training": {"loss_implementation": "chunked_cross_entropy"}})},
 ]
 
@@ -434,3 +436,11 @@ def test_downloads_link_the_exported_files_of_the_workload_on_screen(client):
 def test_export_of_a_bad_form_is_a_plain_422(client):
     response = client.get("/export?batch_size=0&file=train.py")
     assert response.status_code in (422, 503) and "Traceback" not in response.text
+
+
+def test_the_dora_box_asks_for_dora_and_says_so_in_the_cli_command(client):
+    page = client.get("/", params={"method": "lora", "dora": "true"}).text
+    assert 'id="f-dora"' in page and "checked" in page.split('id="f-dora"', 1)[1].split(">", 1)[0]
+    form = WorkloadForm.model_validate({"method": "lora", "dora": "true"})
+    assert form.to_workload().lora.use_dora and ("--dora",) in form.cli_flags()
+    assert not WorkloadForm.model_validate({"method": "lora"}).to_workload().lora.use_dora

@@ -60,3 +60,27 @@ def test_summary_has_a_row_per_method_and_overall(catalog):
     summary = bench_accuracy.summarize(rows)
     assert set(summary) == {r["method"] for r in rows} | {"overall"}
     assert summary["overall"]["n"] == len(RECORDS)
+
+
+def test_the_published_fit_keeps_what_other_fits_wrote_in_allocator_json(tmp_path):
+    from app.calibration.fit_published import fit_allocator
+
+    path = tmp_path / "allocator.json"
+    path.write_text(json.dumps({"replay": {"fragmentation_fraction": 0.5, "cases": 3}}))
+    result = fit_allocator(out=path)
+    saved = json.loads(path.read_text())
+    assert saved["replay"] == {"fragmentation_fraction": 0.5, "cases": 3}
+    assert saved["fragmentation_fraction"] == result["fragmentation_fraction"] > 0
+    assert saved["samples"] and saved["samples_with_empty_cache"]
+
+
+def test_the_published_fit_measures_transient_bytes_with_every_reserve_fraction_at_one(catalog):
+    """The probe must not fall back to the empty-cache or replay fractions: a run's transient bytes do
+    not depend on whether it empties the cache."""
+    from app.calibration.fit_published import _transient_bytes
+
+    emptied = [Workload.model_validate(r["workload"]) for r in RECORDS if r["workload"].get("training", {}).get("torch_empty_cache_steps")]
+    assert emptied
+    for workload in emptied:
+        kept = workload.model_copy(update={"training": workload.training.model_copy(update={"torch_empty_cache_steps": None})})
+        assert _transient_bytes(workload, catalog) == _transient_bytes(kept, catalog)

@@ -27,7 +27,9 @@ PAIR_SUFFIXES = ("-smi", "-peakalloc")
 def _transient_bytes(workload: Workload, catalog: Catalog) -> tuple[int, int]:
     """(transient bytes at the peak, context bytes) of the estimate: with a reserve fraction of 1
     the reserve equals the transient bytes (above the one-segment minimum)."""
-    probe = catalog.model_copy(update={"calibration": {**catalog.calibration, "allocator": {"fragmentation_fraction": 1.0}}})
+    # every reserve fraction 1 (the replay's by method, the empty-cache one): none may fall back to another value
+    probe_allocator = {"fragmentation_fraction": 1.0, "fragmentation_fraction_with_empty_cache": 1.0}
+    probe = catalog.model_copy(update={"calibration": {**catalog.calibration, "allocator": probe_allocator}})
     result = estimate(workload, probe)
     return result.reserved_peak_bytes - result.allocated_peak_bytes, result.terms["cuda_context"]
 
@@ -72,7 +74,8 @@ def empty_cache_samples(measurements: list[dict[str, Any]], workloads: dict[str,
 
 
 def fit_allocator(out: Path | None = None) -> dict[str, Any]:
-    """Fit the fraction over the published pairs and write it with its provenance."""
+    """Fit the fractions over the published runs and write them with their provenance into
+    allocator.json, keeping what other fits wrote there (the suite's "replay" section)."""
     measurements = json.loads((BENCH_DIR / "published_measurements.json").read_text())
     mapped = json.loads((BENCH_DIR / "published_workloads.json").read_text())["workloads"]
     workloads = {entry["id"]: entry for entry in mapped}
@@ -90,5 +93,7 @@ def fit_allocator(out: Path | None = None) -> dict[str, Any]:
         "samples_with_empty_cache": emptied,
     }
     path = out or Path(__file__).resolve().parents[2] / "profiles" / "calibration" / "allocator.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    merged = {**kept, **result}
+    path.write_text(json.dumps(merged, indent=2) + "\n")
+    return merged

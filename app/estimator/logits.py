@@ -63,7 +63,7 @@ def logits_buffers(arch: Architecture, setup: Setup, workload: Workload) -> tupl
     logits = tokens * arch.vocab_size
     lb = logits_dtype_bytes(setup)
     if copies_shifted_logits(workload.software):
-        return _transformers4_buffers(arch, logits, lb)
+        return _transformers4_buffers(arch, logits, lb, autocast=setup.autocast is not None)
     forward = logits * ((lb + FP32 + FP32) if lb != FP32 else (FP32 + FP32))
     backward = logits * 3 * FP32
     if arch.final_logit_softcapping:
@@ -79,13 +79,16 @@ def logits_buffers(arch: Architecture, setup: Setup, workload: Workload) -> tupl
 RAW_LOGITS_LOSS_FAMILIES = {"gpt2", "gpt_bigcode", "falcon", "opt", "bloom", "gpt_neox"}
 
 
-def _transformers4_buffers(arch: Architecture, logits: int, lb: int) -> tuple[int, int]:
+def _transformers4_buffers(arch: Architecture, logits: int, lb: int, *, autocast: bool) -> tuple[int, int]:
     """Rule transformers4_logits. ForCausalLMLoss (4.46-4.57): 16-bit logits, ``.float()``, a
-    contiguous shifted copy and the log-probabilities. GPT-2-style families: the logits, a shifted
-    contiguous copy in the logits' dtype and fp32 log-probabilities (log_softmax runs in fp32 under
-    autocast). Backward: the log-probabilities, their gradient and the logits' gradient in fp32."""
+    contiguous shifted copy and the log-probabilities. GPT-2-style families (4.48.1
+    modeling_gpt_bigcode.py: ``CrossEntropyLoss()(shift_logits.view(...), ...)`` on the raw logits):
+    the logits, a shifted contiguous copy in the logits' dtype and the log-probabilities, in fp32
+    under autocast (log_softmax is on its fp32 list), else in the logits' dtype. Backward: the
+    log-probabilities, their gradient and the logits' gradient, in that same dtype."""
     if arch.family in RAW_LOGITS_LOSS_FAMILIES:
-        return logits * (2 * lb + FP32), logits * 3 * FP32
+        log_probs = FP32 if autocast else lb
+        return logits * (2 * lb + log_probs), logits * 3 * log_probs
     upcast = FP32 if lb != FP32 else 0
     return logits * (lb + upcast + FP32 + FP32), logits * 3 * FP32
 

@@ -160,3 +160,23 @@ def test_lora_and_peft_blocks_are_exclusive():
 
     with pytest.raises(ValidationError, match="not both"):
         Workload.model_validate({"model": LLAMA2_7B, "lora": {}, "peft": {"peft_type": "IA3"}})
+
+
+@pytest.mark.parametrize(("bf16", "log_prob_bytes"), [(False, 2), (True, 4)])
+def test_transformers_4_gpt_style_loss_keeps_log_probabilities_in_the_logits_dtype_without_autocast(catalog, bf16, log_prob_bytes):
+    """transformers 4.48 GPTBigCodeForCausalLM: ``CrossEntropyLoss()`` on the raw 16-bit logits. Without
+    autocast log_softmax returns bf16; under autocast (its fp32 list) fp32. Backward starts with three
+    logit-sized tensors of that size."""
+    from app.estimator.logits import logits_buffers
+    from app.estimator.model import resolve_model
+    from app.estimator.setup import resolve_setup
+    from app.workload import Workload
+
+    config = {"model_type": "gpt_bigcode", "n_embd": 256, "n_layer": 2, "n_head": 4, "multi_query": True, "vocab_size": 1000}
+    workload = Workload.model_validate({"model": {"config": config, "dtype": "bfloat16"}, "software": {"transformers": "4.48.1"},
+                                        "training": {"per_device_train_batch_size": 2, "max_seq_length": 64, "bf16": bf16}})
+    model = resolve_model(workload.model, catalog, workload.software)
+    setup = resolve_setup(workload, model.arch, model.modules, catalog.gpu("A100-80GB"))
+    logits = 2 * 64 * 1000
+    forward, backward = logits_buffers(model.arch, setup, workload)
+    assert (forward, backward) == (logits * (2 * 2 + log_prob_bytes), logits * 3 * log_prob_bytes)

@@ -68,7 +68,7 @@ router = APIRouter(prefix="/api/v1", responses=ERRORS)
 # in a worker thread, and that hop (anyio's thread pool, its capacity limiter and cancel scopes) cost
 # more CPU than the estimate itself: ~1.17 ms -> ~0.6 ms per POST /estimate (py-spy, bench/bench_load.py).
 # Only what cannot block runs on the event loop: an estimate takes 0.1-0.3 ms (bench/bench_estimate.py);
-# a Hub look-up, a plan, an export and a simulation stay in the thread pool.
+# a Hub look-up, a plan, an export and a simulation stay in the thread pool. /healthz is async too.
 
 
 async def get_catalog(request: Request) -> Catalog:
@@ -138,7 +138,7 @@ def _resolved(workload: Workload, catalog: Catalog, hub: HubConfigs) -> Workload
 
 
 @router.get("/healthz", response_model=HealthPublic, tags=["meta"])
-def healthz(catalog: CatalogDep) -> HealthPublic:
+async def healthz(catalog: CatalogDep) -> HealthPublic:
     """Liveness: the app is up and its catalog is loaded."""
     return HealthPublic(status="ok", version=__version__, models=len(catalog.models), gpus=len(catalog.gpus))
 

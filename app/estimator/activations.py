@@ -34,12 +34,13 @@ from app.estimator.blocks import (
     phi_block,
 )
 from app.estimator.blocks_moe import moe_block
-from app.estimator.blocks_ops import FP32, Axis, LoraRules, Part, Rules, Tape, Tensor
+from app.estimator.blocks_ops import FP32, Axis, Ia3Rules, LoraRules, Part, Rules, Tape, Tensor
 from app.estimator.blocks_t5 import t5_decoder_block, t5_encoder_block
 from app.estimator.params import Module
+from app.estimator.peft_methods import ia3_module_names
 from app.estimator.setup import Precision, Setup
 from app.units import dtype_bytes
-from app.workload import AttnImplementation, Workload
+from app.workload import AttnImplementation, PeftType, Workload
 
 
 class LayerActivations(BaseModel):
@@ -107,7 +108,7 @@ def block_activations(
 ) -> LayerActivations:
     """Saved bytes of one block during training (``decoder``: a decoder block of an
     encoder-decoder model, with cross-attention over the encoder output)."""
-    return _traced_block(arch, _rules(arch, setup, workload, trainable), int(dtype_bytes(setup.residual_dtype)), decoder)
+    return _traced_block(arch, _rules(arch, modules, setup, workload, trainable), int(dtype_bytes(setup.residual_dtype)), decoder)
 
 
 @lru_cache(maxsize=1024)
@@ -136,7 +137,7 @@ def _trace(arch: Architecture, rules: Rules, input_size: int, decoder: bool) -> 
     return tape
 
 
-def _rules(arch: Architecture, setup: Setup, workload: Workload, trainable: bool) -> Rules:
+def _rules(arch: Architecture, modules: list[Module], setup: Setup, workload: Workload, trainable: bool) -> Rules:
     lora = workload.lora
     lora_rules = None
     if lora is not None and setup.lora_targets:
@@ -149,6 +150,10 @@ def _rules(arch: Architecture, setup: Setup, workload: Workload, trainable: bool
             dora=lora.use_dora,
         )
     weight_size, linear_weight_size = _weight_sizes(setup)
+    peft = workload.peft
+    ia3 = None
+    if peft is not None and peft.peft_type is PeftType.IA3:
+        ia3 = Ia3Rules(*ia3_module_names(peft, arch, modules))
     return Rules(
         compute_size=int(dtype_bytes(setup.compute_dtype)),
         autocast=setup.autocast is not None,
@@ -161,6 +166,8 @@ def _rules(arch: Architecture, setup: Setup, workload: Workload, trainable: bool
         batch_one=workload.training.per_device_train_batch_size == 1,
         attention_dropout=arch.attention_dropout,
         bnb_bits=_bnb_bits(workload, setup),
+        ia3=ia3,
+        norms_train=peft is not None and peft.peft_type is PeftType.LN_TUNING,
     )
 
 

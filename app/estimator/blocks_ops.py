@@ -76,6 +76,16 @@ class LoraRules:
 
 
 @dataclass(frozen=True)
+class Ia3Rules:
+    """IA3 (peft/tuners/ia3/layer.py Linear.forward): learned vectors scale the outputs of ``targets``
+    (``base(x) * l``) and the inputs of ``feedforward`` modules (``x.to(l.dtype) * l``)."""
+
+    targets: tuple[str, ...]
+    feedforward: tuple[str, ...]
+    vector_size: int = FP32  # PEFT autocasts adapter weights to fp32 (autocast_adapter_dtype=True)
+
+
+@dataclass(frozen=True)
 class Rules:
     """What the run decides for every operator of a block."""
 
@@ -90,6 +100,8 @@ class Rules:
     batch_one: bool = False  # micro-batches of one sequence (reshapes that merge batch and heads stay views)
     attention_dropout: float = 0.0
     bnb_bits: int = 0  # 4 or 8: the block's linear layers are bitsandbytes Linear4bit/Linear8bitLt
+    ia3: Ia3Rules | None = None
+    norms_train: bool = False  # LN tuning: (copies of) the norms train while the rest is frozen
 
 
 @dataclass
@@ -180,8 +192,32 @@ def linear(tape: Tape, x: Tensor, name: str, out_width: float, *, weight_view: b
     the cast of a frozen weight, or of a view (FalconLinear's ``input @ self.weight.T``), is a
     new copy per call (autocast_mode.cpp ``cached_cast``), counted here."""
     rules = tape.rules
-    if rules.bnb_bits:
-        return _bnb_linear(tape, x, name, out_width)
+    ia3 = rules.ia3
+    if ia3 is not None and name in ia3.feedforward:
+        x = _ia3_scaled_input(tape, x, ia3)
+    out = _bnb_linear(tape, x, name, out_width) if rules.bnb_bits else _dense_linear(tape, x, name, out_width, weight_view)
+    if ia3 is not None and name in ia3.targets and name not in ia3.feedforward:
+        # ``(base(x) * l).to(result dtype)``: the product keeps the base output for l's gradient and
+        # ``1 * l.flatten()`` (a new vector each call) for the output's
+        with tape.section(Part.lora):
+            tape.save(out)
+            tape.save_constant(out_width * ia3.vector_size)
+        return tape.new(out.width, out.size, like=out)
+    return out
+
+
+def _ia3_scaled_input(tape: Tape, x: Tensor, ia3: Ia3Rules) -> Tensor:
+    """``(x.to(l.dtype) * l).to(x.dtype)``: the product keeps its (cast) input for l's gradient and
+    the vector ``1 * l.flatten()`` for the input's."""
+    with tape.section(Part.lora):
+        xl = cast(tape, x, ia3.vector_size)
+        tape.save(xl)
+        tape.save_constant(x.width * ia3.vector_size)
+    return cast(tape, tape.new(x.width, promote(xl.size, ia3.vector_size), like=x), x.size)
+
+
+def _dense_linear(tape: Tape, x: Tensor, name: str, out_width: float, weight_view: bool) -> Tensor:
+    rules = tape.rules
     xin = lowered(tape, x)
     if rules.trainable:
         tape.save(xin)
@@ -283,17 +319,17 @@ def rms_norm(tape: Tape, x: Tensor, style: str, groups: int = 1) -> Tensor:
     if style == "t5":
         tape.save(x)
         scaled = cast(tape, normed, rules.weight_size)
-        if rules.trainable:
+        if rules.trainable or rules.norms_train:
             tape.save(scaled)
         return tape.new(x.width, promote(rules.weight_size, scaled.size), like=x)
     if style in ("gemma", "olmo2"):
-        if rules.trainable:
+        if rules.trainable or rules.norms_train:
             tape.save(normed)
         if style == "gemma":
             tape.save_constant(x.width / groups * FP32)  # 1 + weight.float(), a new tensor per call
         return cast(tape, tape.new(x.width, promote(rules.weight_size, FP32), like=x), x.size)
     back = cast(tape, normed, x.size)
-    if rules.trainable:
+    if rules.trainable or rules.norms_train:
         tape.save(back)
     return tape.new(x.width, promote(rules.weight_size, back.size), like=x)
 

@@ -3,7 +3,8 @@
 IA3 (arXiv:2205.05638): one learned vector per targeted linear layer, of its output size, or of its
 input size for feed-forward modules (peft/tuners/ia3/layer.py). Prompt tuning: num_virtual_tokens x
 hidden embeddings, once per transformer stack (peft/tuners/prompt_tuning/model.py); P-tuning adds
-its MLP prompt encoder (two hidden x hidden layers, peft/tuners/p_tuning/model.py). Prefix tuning:
+its MLP prompt encoder (three hidden x hidden layers with biases, peft/tuners/p_tuning/model.py
+PromptEncoder: ``encoder_num_layers`` is ignored for MLP). Prefix tuning:
 num_virtual_tokens x layers x 2 x kv width (peft/tuners/prefix_tuning/model.py, no projection).
 LN tuning: the layer norms (peft/tuners/ln_tuning).
 """
@@ -43,24 +44,27 @@ def peft_tensor_groups(peft: Peft, arch: Architecture, modules: list[Module]) ->
         return [TensorGroup(rows=peft.num_virtual_tokens * stacks, cols=hidden, count=1)]
     if peft.peft_type is PeftType.P_TUNING:
         return [TensorGroup(rows=peft.num_virtual_tokens * stacks, cols=hidden, count=1),
-                TensorGroup(rows=hidden, cols=hidden, count=2), TensorGroup(rows=hidden, cols=1, count=2)]
+                TensorGroup(rows=hidden, cols=hidden, count=3), TensorGroup(rows=hidden, cols=1, count=3)]
     if peft.peft_type is PeftType.PREFIX_TUNING:
         return [TensorGroup(rows=peft.num_virtual_tokens, cols=arch.total_layers * 2 * arch.kv_dim, count=1)]
     norms = [m for m in modules if m.kind is ModuleKind.norm]
     return [TensorGroup(rows=m.weight_numel + m.bias_numel, cols=1, count=m.count) for m in norms]
 
 
-def _ia3_groups(peft: Peft, arch: Architecture, modules: list[Module]) -> list[TensorGroup]:
+def ia3_module_names(peft: Peft, arch: Architecture, modules: list[Module]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(linear modules IA3 adapts, those of them it treats as feed-forward), PEFT's defaults for the
+    family where the config names none."""
     defaults = IA3_FAMILY_TARGETS.get(arch.family, IA3_DEFAULT_TARGETS)
     targets = peft.target_modules if peft.target_modules is not None else defaults["targets"]
     feedforward = peft.feedforward_modules if peft.feedforward_modules is not None else defaults["feedforward"]
-    groups = []
-    for module in modules:
-        if module.kind is not ModuleKind.linear or not any(matches_target(module.name, t) for t in targets):
-            continue
-        is_ff = any(matches_target(module.name, t) for t in feedforward)
-        groups.append(TensorGroup(rows=module.in_features if is_ff else module.out_features, cols=1, count=module.count))
-    return groups
+    adapted = tuple(m.name for m in modules if m.kind is ModuleKind.linear and any(matches_target(m.name, t) for t in targets))
+    return adapted, tuple(name for name in adapted if any(matches_target(name, t) for t in feedforward))
+
+
+def _ia3_groups(peft: Peft, arch: Architecture, modules: list[Module]) -> list[TensorGroup]:
+    adapted, feedforward = ia3_module_names(peft, arch, modules)
+    return [TensorGroup(rows=m.in_features if m.name in feedforward else m.out_features, cols=1, count=m.count)
+            for m in modules if m.kind is ModuleKind.linear and m.name in adapted]
 
 
 def extra_tokens(peft: Peft | None) -> int:

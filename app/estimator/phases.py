@@ -15,13 +15,14 @@ from pydantic import BaseModel, ConfigDict
 from app.estimator.activations import block_activations
 from app.estimator.architecture import Architecture, Kind
 from app.estimator.autocast import autocast_copies
+from app.estimator.blocks_ops import FP32
 from app.estimator.dora import dora_transient_bytes
-from app.estimator.logits import decoder_tokens, kv_cache_bytes, logits_buffers, tokens_per_micro_batch
+from app.estimator.logits import decoder_tokens, kv_cache_bytes, logits_buffers, logits_dtype_bytes, tokens_per_micro_batch
 from app.estimator.model import ResolvedModel
 from app.estimator.params import ModuleKind
 from app.estimator.setup import Precision, Setup
 from app.estimator.sharding import StateBytes
-from app.estimator.versions import frees_gradients_between_steps
+from app.estimator.versions import frees_gradients_between_steps, prefill_keeps_last_logits_only
 from app.units import DType, dtype_bytes, tensor_bytes
 from app.workload import AttnImplementation, Workload
 
@@ -184,9 +185,13 @@ def _inference_peaks(model: ResolvedModel, setup: Setup, workload: Workload, sta
     kv = kv_cache_bytes(arch, tokens, inference.batch_size, cache_dtype) // gpus
     prefill_tokens = inference.batch_size * inference.prompt_tokens
     acts = _prefill_activations(arch, setup, workload, prefill_tokens)
-    logits = inference.batch_size * arch.vocab_size * 4  # transformers 5 generate keeps the last position only
+    logits = inference.batch_size * arch.vocab_size * FP32  # the last position's, in fp32 (rule transformers445_last_logits)
+    prefill_logits = logits
+    if not prefill_keeps_last_logits_only(workload.software):
+        # every prompt position's logits in the head's dtype and their .float() copy, alive together
+        prefill_logits = prefill_tokens * arch.vocab_size * (logits_dtype_bytes(setup) + FP32) // gpus
     prefill = {**static, "kv_cache": kv_cache_bytes(arch, inference.prompt_tokens, inference.batch_size, cache_dtype) // gpus,
-               "activations": acts, "logits_and_loss": logits, "transient": states.largest_weight_bytes}
+               "activations": acts, "logits_and_loss": prefill_logits, "transient": states.largest_weight_bytes}
     decode = {**static, "kv_cache": kv, "activations": 0, "logits_and_loss": logits, "transient": 0}
     return _pick_inference(prefill, decode, sum(static.values()))
 

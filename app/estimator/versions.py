@@ -39,6 +39,15 @@ def copies_shifted_logits(software: Software) -> bool:
     return transformers_major(software.transformers) < 5
 
 
+# Rule transformers445_last_logits: since transformers 4.45 ``generate`` passes num_logits_to_keep=1
+# (generation/utils.py ``_supports_num_logits_to_keep``; models/qwen2/modeling_qwen2.py
+# ``self.lm_head(hidden_states[:, -num_logits_to_keep:, :]).float()``), so prefill computes the logits
+# of the last position only. Before (4.38-4.44: ``logits = self.lm_head(hidden_states); logits =
+# logits.float()``) it computed them, and an fp32 copy, for every prompt token.
+def prefill_keeps_last_logits_only(software: Software) -> bool:
+    return parse_version(software.transformers, "transformers") >= (4, 45)
+
+
 # Rule torch2_foreach_default: torch >= 2.0 runs AdamW's foreach implementation by default on CUDA
 # (torch/optim/optimizer.py _default_to_fused_or_foreach); 1.x looped over parameters.
 def foreach_by_default(software: Software) -> bool:

@@ -109,6 +109,10 @@ MODES: dict[str, dict[str, Any]] = {
     "dora_dropout": {"dtype": "bfloat16", "bf16": True, "lora": {"target_modules": "all-linear", "use_dora": True, "lora_dropout": 0.1}},
     "dora_dropout_no_autocast": {"dtype": "bfloat16", "bf16": False,
                                  "lora": {"target_modules": "all-linear", "use_dora": True, "lora_dropout": 0.1}},
+    # PEFT methods other than LoRA: IA3 (PEFT's default targets per family) and LN tuning
+    "ia3": {"dtype": "bfloat16", "bf16": True, "peft": {"peft_type": "IA3"}},
+    "ia3_no_autocast": {"dtype": "bfloat16", "bf16": False, "peft": {"peft_type": "IA3"}},
+    "ln_tuning": {"dtype": "bfloat16", "bf16": False, "peft": {"peft_type": "LN_TUNING"}},
 }
 MAIN_MODES = ("bf16", "bf16_no_autocast", "amp", "lora_all_linear", "lora_default_targets")
 # Eager attention, dropout masks, LoRA dropout and LoRA on fp32 weights under autocast, on one
@@ -124,6 +128,9 @@ EXTRA_CASES = [
     (family, mode)
     for family in ("llama", "gpt2", "falcon", "bert", "t5")
     for mode in ("dora", "dora_no_autocast", "dora_dropout", "dora_dropout_no_autocast")
+] + [(family, mode) for family in ("llama", "gpt2", "falcon", "bert", "opt", "gpt_neox", "t5") for mode in ("ia3", "ia3_no_autocast")] + [
+    # LN tuning on the families PEFT has default norm targets for (peft/utils/constants.py)
+    (family, "ln_tuning") for family in ("llama", "gpt2", "falcon", "t5")
 ]
 CASES = [(family, mode) for family in CONFIGS for mode in MAIN_MODES] + EXTRA_CASES
 
@@ -173,6 +180,8 @@ def _estimate(catalog, config: dict[str, Any], setting: dict[str, Any], batch: i
     data: dict[str, Any] = {"model": {"config": config, "dtype": setting["dtype"]}, "training": training}
     if "lora" in setting:
         data["lora"] = {"r": 8, **setting["lora"]}
+    if "peft" in setting:
+        data["peft"] = setting["peft"]
     workload = Workload.model_validate(data)
     arch = read_architecture(config)
     modules = list_modules(arch, config)
@@ -196,7 +205,19 @@ def _build(config: dict[str, Any], setting: dict[str, Any]) -> Any:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=8, **setting["lora"]))
+    if "peft" in setting:
+        import peft
+
+        config_class = {"IA3": peft.IA3Config, "LN_TUNING": peft.LNTuningConfig}[setting["peft"]["peft_type"]]
+        task = {"bert": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM", "mt5": "SEQ_2_SEQ_LM"}.get(family, "CAUSAL_LM")
+        model = get_peft_model_of(model, config_class(task_type=task))
     return model.train()
+
+
+def get_peft_model_of(model: Any, config: Any) -> Any:
+    from peft import get_peft_model
+
+    return get_peft_model(model, config)
 
 
 def _saved_bytes(model: Any, setting: dict[str, Any], batch: int, seq: int, memory: int | None = None) -> int:

@@ -143,6 +143,9 @@ def test_inference_split_over_gpus_divides_weights_and_cache(catalog):
         ({"peft_type": "IA3"}, 32 * (4096 + 4096 + 11008)),
         # Prompt tuning: 20 virtual tokens x 4096.
         ({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 20}, 20 * 4096),
+        # P-tuning: 20 virtual tokens x 4096 and the MLP prompt encoder's three 4096 x 4096 layers with biases
+        # (peft PromptEncoder; PEFT MetaMathQA's Llama-3.2-3B P-tuning run records 20 x 3072 + 3 x (3072^2 + 3072)).
+        ({"peft_type": "P_TUNING", "num_virtual_tokens": 20}, 20 * 4096 + 3 * (4096 * 4096 + 4096)),
         # LN tuning: the 65 RMSNorm weights of 4096.
         ({"peft_type": "LN_TUNING"}, 65 * 4096),
     ],

@@ -20,9 +20,9 @@ from app.estimator.dora import dora_transient_bytes
 from app.estimator.logits import decoder_tokens, kv_cache_bytes, logits_buffers, logits_dtype_bytes, tokens_per_micro_batch
 from app.estimator.model import ResolvedModel
 from app.estimator.params import ModuleKind
-from app.estimator.setup import Precision, Setup
+from app.estimator.setup import SIXTEEN_BIT, Precision, Setup
 from app.estimator.sharding import StateBytes
-from app.estimator.versions import frees_gradients_between_steps, prefill_keeps_last_logits_only
+from app.estimator.versions import frees_gradients_between_steps, has_per_layer_rotary_caches, prefill_keeps_last_logits_only
 from app.units import DType, dtype_bytes, tensor_bytes
 from app.workload import AttnImplementation, Workload
 
@@ -45,8 +45,8 @@ class ActivationBytes(BaseModel):
     autocast_cache: int  # 16-bit copies of fp32 weights kept by autocast for backward
 
 
-def _static_terms(states: StateBytes) -> dict[str, int]:
-    return {
+def _static_terms(states: StateBytes, model: ResolvedModel, setup: Setup, workload: Workload) -> dict[str, int]:
+    terms = {
         "weights": states.weights,
         "quantization_constants": states.quantization_constants,
         "lora_adapters": states.lora_adapters,
@@ -54,6 +54,20 @@ def _static_terms(states: StateBytes) -> dict[str, int]:
         "optimizer_states": states.optimizer_states,
         "communication_buffers": states.communication_buffers,
     }
+    rotary = rotary_cache_bytes(model.arch, setup, workload)
+    if rotary:
+        terms["rotary_caches"] = rotary
+    return terms
+
+
+def rotary_cache_bytes(arch: Architecture | None, setup: Setup, workload: Workload) -> int:
+    """cos and sin tables of max_position_embeddings x head_dim in every attention layer (rule
+    transformers4_rotary_caches), per GPU."""
+    if arch is None or not arch.max_position_embeddings or not has_per_layer_rotary_caches(arch.family, workload.software):
+        return 0
+    per_layer = 2 * arch.max_position_embeddings * arch.head_dim * int(dtype_bytes(setup.weight_dtype if setup.weight_dtype in SIXTEEN_BIT else DType.float32))
+    # buffers are replicated by DDP and not sharded by ZeRO/FSDP; device_map spreads inference layers over the GPUs
+    return arch.total_layers * per_layer // (workload.hardware.num_gpus if workload.task.value == "inference" else 1)
 
 
 def training_activations(model: ResolvedModel, setup: Setup, workload: Workload) -> ActivationBytes:
@@ -92,7 +106,7 @@ def phase_peaks(model: ResolvedModel, setup: Setup, workload: Workload, states: 
     """Live bytes per phase and the peak among them."""
     if workload.task.value == "inference":
         return _inference_peaks(model, setup, workload, states)
-    static = _static_terms(states)
+    static = _static_terms(states, model, setup, workload)
     acts = training_activations(model, setup, workload)
     copies = autocast_copies(model, setup, workload)
     logits_fwd, logits_bwd = logits_buffers(model.arch, setup, workload) if model.arch else (0, 0)
@@ -174,7 +188,7 @@ def _inference_peaks(model: ResolvedModel, setup: Setup, workload: Workload, sta
     """Weights + KV cache for prompt + new tokens + one forward's activations (prefill)."""
     arch = model.arch
     inference = workload.inference
-    static = _static_terms(states)
+    static = _static_terms(states, model, setup, workload)
     if arch is None:
         return _pick_inference(static, static, sum(static.values()))
     # The cache holds keys and values in the hidden states' dtype: Linear4bit returns its output
@@ -186,12 +200,14 @@ def _inference_peaks(model: ResolvedModel, setup: Setup, workload: Workload, sta
     prefill_tokens = inference.batch_size * inference.prompt_tokens
     acts = _prefill_activations(arch, setup, workload, prefill_tokens)
     logits = inference.batch_size * arch.vocab_size * FP32  # the last position's, in fp32 (rule transformers445_last_logits)
-    prefill_logits = logits
+    prompt_kv = kv_cache_bytes(arch, inference.prompt_tokens, inference.batch_size, cache_dtype) // gpus
+    prefill = {**static, "kv_cache": prompt_kv, "activations": acts, "logits_and_loss": logits, "transient": states.largest_weight_bytes}
     if not prefill_keeps_last_logits_only(workload.software):
-        # every prompt position's logits in the head's dtype and their .float() copy, alive together
-        prefill_logits = prefill_tokens * arch.vocab_size * (logits_dtype_bytes(setup) + FP32) // gpus
-    prefill = {**static, "kv_cache": kv_cache_bytes(arch, inference.prompt_tokens, inference.batch_size, cache_dtype) // gpus,
-               "activations": acts, "logits_and_loss": prefill_logits, "transient": states.largest_weight_bytes}
+        # After the last block, only the final hidden states remain; the head computes every prompt
+        # position's logits in its dtype and their .float() copy, alive together.
+        head = {**static, "kv_cache": prompt_kv, "activations": prefill_tokens * arch.hidden_size * int(dtype_bytes(setup.residual_dtype)) // gpus,
+                "logits_and_loss": prefill_tokens * arch.vocab_size * (logits_dtype_bytes(setup) + FP32) // gpus, "transient": 0}
+        prefill = max(prefill, head, key=lambda terms: sum(terms.values()))
     decode = {**static, "kv_cache": kv, "activations": 0, "logits_and_loss": logits, "transient": 0}
     return _pick_inference(prefill, decode, sum(static.values()))
 

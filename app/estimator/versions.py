@@ -48,6 +48,20 @@ def prefill_keeps_last_logits_only(software: Software) -> bool:
     return parse_version(software.transformers, "transformers") >= (4, 45)
 
 
+# Rule transformers4_rotary_caches: before these transformers versions every attention layer built
+# its own rotary embedding with cos/sin tables of max_position_embeddings x head_dim, registered as
+# buffers in the default dtype at init (the load dtype under from_pretrained(torch_dtype=...)):
+# modeling_llama.py ``cos_cached`` (``_cos_cached`` from 4.38, gone in 4.41), modeling_mistral.py
+# (gone in 4.42), modeling_qwen2.py and modeling_qwen2_moe.py (gone in 4.45, when the rotary
+# embedding moved to one per model computing cos/sin on the fly). Checked in the 4.36.2-4.45.0 wheels.
+PER_LAYER_ROTARY_CACHES_UNTIL = {"llama": (4, 41), "mistral": (4, 42), "qwen2": (4, 45), "qwen2_moe": (4, 45)}
+
+
+def has_per_layer_rotary_caches(family: str, software: Software) -> bool:
+    until = PER_LAYER_ROTARY_CACHES_UNTIL.get(family)
+    return until is not None and parse_version(software.transformers, "transformers") < until
+
+
 # Rule torch2_foreach_default: torch >= 2.0 runs AdamW's foreach implementation by default on CUDA
 # (torch/optim/optimizer.py _default_to_fused_or_foreach); 1.x looped over parameters.
 def foreach_by_default(software: Software) -> bool:

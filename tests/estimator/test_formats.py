@@ -183,3 +183,29 @@ def test_transformers_4_gpt_style_loss_keeps_log_probabilities_in_the_logits_dty
     logits = 2 * 64 * 1000
     forward, backward = logits_buffers(model.arch, setup, workload)
     assert (forward, backward) == (logits * (2 * 2 + log_prob_bytes), logits * 3 * log_prob_bytes)
+
+
+QWEN2_05B_LIKE = {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+                  "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 32768, "tie_word_embeddings": True}
+
+
+def _qwen2_inference(catalog, transformers: str, prompt: int):
+    return run_estimate(catalog, {"model": {"config": QWEN2_05B_LIKE, "dtype": "bfloat16"}, "task": "inference",
+                                  "inference": {"batch_size": 1, "prompt_tokens": prompt, "max_new_tokens": 16},
+                                  "software": {"transformers": transformers}})
+
+
+def test_transformers_before_4_45_keeps_rotary_tables_in_every_qwen2_layer(catalog):
+    """modeling_qwen2.py 4.37-4.44: each attention layer's Qwen2RotaryEmbedding registers cos_cached and
+    sin_cached of max_position_embeddings x head_dim in the load dtype; 4.45 computes them on the fly."""
+    old, new = _qwen2_inference(catalog, "4.38.2", 1), _qwen2_inference(catalog, "4.45.0", 1)
+    assert old.terms["rotary_caches"] == 24 * 2 * 32768 * 64 * 2
+    assert "rotary_caches" not in new.terms
+
+
+def test_transformers_before_4_45_computes_every_prompt_positions_logits_at_prefill(catalog):
+    """4.38-4.44: ``logits = self.lm_head(hidden_states); logits = logits.float()`` over the whole prompt;
+    4.45: generate passes num_logits_to_keep=1."""
+    old, new = _qwen2_inference(catalog, "4.44.2", 4096), _qwen2_inference(catalog, "4.45.0", 4096)
+    assert old.peak_phase == "prefill" and old.terms["logits_and_loss"] == 4096 * 151936 * (2 + 4)
+    assert new.terms["logits_and_loss"] == 151936 * 4

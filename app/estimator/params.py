@@ -113,16 +113,40 @@ def _llama_like(arch: Architecture, config: dict[str, Any]) -> list[Module]:
     return modules + _head(arch)
 
 
+def _shared_expert(arch: Architecture, config: dict[str, Any]) -> list[Module]:
+    """Qwen2-MoE's dense shared expert beside the routed ones, and its sigmoid gate (nn.Linear(h, 1))."""
+    h, n, shared = arch.hidden_size, arch.num_layers, config.get("shared_expert_intermediate_size")
+    if not shared:
+        return []
+    return [
+        _linear("shared_expert.gate_proj", h, shared, n),
+        _linear("shared_expert.up_proj", h, shared, n),
+        _linear("shared_expert.down_proj", shared, h, n),
+        Module(name="shared_expert_gate", kind=ModuleKind.other, weight_numel=h, count=n),
+    ]
+
+
 def _mlp_llama_like(arch: Architecture, config: dict[str, Any], bias: bool) -> list[Module]:
     h, n, inter = arch.hidden_size, arch.num_layers, arch.intermediate_size
     if arch.num_experts and not arch.fused_experts:
+        # transformers 4.x: an nn.ModuleList of per-expert MLPs (modeling_mixtral.py
+        # MixtralBlockSparseTop2MLP w1/w3/w2; modeling_qwen2_moe.py Qwen2MoeMLP gate/up/down_proj)
         experts = arch.num_experts
-        return [
-            _linear("block_sparse_moe.gate", h, experts, n),
-            _linear("w1", h, inter, n * experts),
-            _linear("w3", h, inter, n * experts),
-            _linear("w2", inter, h, n * experts),
-        ]
+        if arch.family == "mixtral":
+            modules = [
+                _linear("block_sparse_moe.gate", h, experts, n),
+                _linear("w1", h, inter, n * experts),
+                _linear("w3", h, inter, n * experts),
+                _linear("w2", inter, h, n * experts),
+            ]
+        else:
+            modules = [
+                _linear("mlp.gate", h, experts, n),
+                _linear("experts.gate_proj", h, inter, n * experts),
+                _linear("experts.up_proj", h, inter, n * experts),
+                _linear("experts.down_proj", inter, h, n * experts),
+            ]
+        return modules + _shared_expert(arch, config)
     if arch.num_experts:
         experts = arch.num_experts
         modules = [
@@ -132,15 +156,7 @@ def _mlp_llama_like(arch: Architecture, config: dict[str, Any], bias: bool) -> l
             Module(name="experts.down_proj", kind=ModuleKind.experts, in_features=inter, out_features=h,
                    weight_numel=experts * h * inter, count=n),
         ]
-        shared = config.get("shared_expert_intermediate_size")
-        if shared:
-            modules += [
-                _linear("shared_expert.gate_proj", h, shared, n),
-                _linear("shared_expert.up_proj", h, shared, n),
-                _linear("shared_expert.down_proj", shared, h, n),
-                Module(name="shared_expert_gate", kind=ModuleKind.other, weight_numel=h, count=n),
-            ]
-        return modules
+        return modules + _shared_expert(arch, config)
     if arch.family == "phi3":
         return [_linear("gate_up_proj", h, 2 * inter, n), _linear("down_proj", inter, h, n)]
     return [

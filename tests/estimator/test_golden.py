@@ -138,3 +138,19 @@ def test_qlora_of_llama2_7b_at_batch_1_and_512_tokens_fits_a_t4(catalog):
     result = run_estimate(catalog, {"model": {"id": "meta-llama/Llama-2-7b-hf", "dtype": "float16"}, **qlora, "hardware": {"gpu": "T4"}})
     assert result.verdict == "fits"
     assert result.warnings == [] or all("bf16" not in w for w in result.warnings)
+
+
+QWEN2_57B_A14B = {"model_type": "qwen2_moe", "hidden_size": 3584, "intermediate_size": 18944, "moe_intermediate_size": 2560,
+                  "shared_expert_intermediate_size": 20480, "num_experts": 64, "num_experts_per_tok": 8, "num_hidden_layers": 28,
+                  "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 151936, "tie_word_embeddings": False}
+
+
+@pytest.mark.parametrize("transformers", ["4.40.1", "5.24.0"])
+def test_qwen2_57b_a14b_has_57_4b_parameters_with_per_expert_or_fused_experts(transformers):
+    """Qwen's model card: 57B total. transformers 4.x keeps a ModuleList of expert MLPs, 5.x fused
+    tensors: the same parameters either way, shared expert included."""
+    from app.estimator.architecture import read_architecture
+    from app.estimator.params import list_modules
+
+    arch = read_architecture(QWEN2_57B_A14B, transformers)
+    assert sum(m.numel for m in list_modules(arch, QWEN2_57B_A14B)) == pytest.approx(57.41e9, rel=1e-3)

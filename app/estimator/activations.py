@@ -37,7 +37,7 @@ from app.estimator.blocks_moe import moe_block
 from app.estimator.blocks_ops import FP32, Axis, Ia3Rules, LoraRules, Part, Rules, Tape, Tensor
 from app.estimator.blocks_t5 import t5_decoder_block, t5_encoder_block
 from app.estimator.params import Module
-from app.estimator.peft_methods import ia3_module_names
+from app.estimator.peft_methods import ia3_module_names, prefix_tokens
 from app.estimator.setup import Precision, Setup
 from app.units import dtype_bytes
 from app.workload import AttnImplementation, PeftType, Workload
@@ -168,6 +168,7 @@ def _rules(arch: Architecture, modules: list[Module], setup: Setup, workload: Wo
         bnb_bits=_bnb_bits(workload, setup),
         ia3=ia3,
         norms_train=peft is not None and peft.peft_type is PeftType.LN_TUNING,
+        prefix_tokens=prefix_tokens(peft),
     )
 
 

@@ -25,6 +25,7 @@ from app.estimator.blocks_ops import (
     heads_last,
     layer_norm,
     linear,
+    lowered,
     multiply,
     promote,
     rms_norm,
@@ -39,11 +40,28 @@ def attend(tape: Tape, arch: Architecture, q: Tensor, k: Tensor, v: Tensor, *, s
            mask: Tensor | None = None, dropout_p: float | None = None) -> Tensor:
     """SDPA or eager attention (the kernel ``resolve_attention`` picked); the output in (batch, seq,
     hidden) order, as ``transpose(1, 2).contiguous()`` or ``reshape`` leave it for the out-projection."""
-    if tape.rules.sdpa:
+    if tape.rules.sdpa and tape.rules.prefix_tokens and mask is None:
+        out = _sdpa_after_prefix(tape, arch, q, k, v)
+    elif tape.rules.sdpa:
         out = sdpa(tape, q, k, v, arch.num_heads, mask=mask)
     else:
         out = eager_attention(tape, q, k, v, arch.num_heads, arch.num_kv_heads, softcap=bool(arch.attn_logit_softcapping), softmax_size=softmax_size, dropout_p=dropout_p)
     return heads_last(tape, out)
+
+
+def _sdpa_after_prefix(tape: Tape, arch: Architecture, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """SDPA behind PEFT prefix tuning's past keys and values (``memory_len`` = the virtual tokens):
+    the cache concatenates them before this layer's keys and values; the query no longer spans
+    every key, so transformers builds a mask (per layer, in the query's dtype: masking_utils.py,
+    sdpa_attention.py), which sends SDPA to its memory-efficient kernel and, a mask being present,
+    makes ``repeat_kv`` copy keys and values to every query head (``use_gqa_in_sdpa`` needs no mask)."""
+    heads_width = arch.q_dim
+    size = lowered(tape, k).size
+    keys = tape.new(heads_width, size, like=k, heads_first=True, storage_width=0.0)
+    values = tape.new(heads_width, size, like=v, heads_first=True, storage_width=0.0)
+    tape.save(tape.new(heads_width, size, axis=Axis.memory), tape.new(heads_width, size, axis=Axis.memory))  # their prefix rows
+    tape.save(tape.new(1, tape.rules.compute_size, axis=Axis.memory_key))  # the mask's prefix columns
+    return sdpa(tape, q, keys, values, arch.num_heads, mask=tape.new(1, tape.rules.compute_size, axis=Axis.key))
 
 
 def residual(tape: Tape, a: Tensor, b: Tensor) -> Tensor:

@@ -101,6 +101,7 @@ class Rules:
     attention_dropout: float = 0.0
     bnb_bits: int = 0  # 4 or 8: the block's linear layers are bitsandbytes Linear4bit/Linear8bitLt
     ia3: Ia3Rules | None = None
+    prefix_tokens: int = 0  # prefix tuning: past keys and values of this many virtual tokens in every layer
     norms_train: bool = False  # LN tuning: (copies of) the norms train while the rest is frozen
 
 

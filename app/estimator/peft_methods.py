@@ -72,3 +72,10 @@ def extra_tokens(peft: Peft | None) -> int:
     if peft is not None and peft.peft_type in (PeftType.PROMPT_TUNING, PeftType.P_TUNING):
         return peft.num_virtual_tokens
     return 0
+
+
+def prefix_tokens(peft: Peft | None) -> int:
+    """Virtual tokens prefix tuning puts before every layer's keys and values."""
+    if peft is not None and peft.peft_type is PeftType.PREFIX_TUNING:
+        return peft.num_virtual_tokens
+    return 0

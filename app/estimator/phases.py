@@ -20,6 +20,7 @@ from app.estimator.dora import dora_transient_bytes
 from app.estimator.logits import decoder_tokens, kv_cache_bytes, logits_buffers, logits_dtype_bytes, tokens_per_micro_batch
 from app.estimator.model import ResolvedModel
 from app.estimator.params import ModuleKind
+from app.estimator.peft_methods import prefix_tokens
 from app.estimator.setup import SIXTEEN_BIT, Precision, Setup
 from app.estimator.sharding import StateBytes
 from app.estimator.versions import frees_gradients_between_steps, has_per_layer_rotary_caches, prefill_keeps_last_logits_only
@@ -81,11 +82,13 @@ def training_activations(model: ResolvedModel, setup: Setup, workload: Workload)
     dec_len = decoder_tokens(arch, workload) // batch
     frozen = workload.training.frozen_layers
     encdec = arch.kind is Kind.encoder_decoder
+    past = 0 if encdec else prefix_tokens(workload.peft)  # prefix tuning's past keys and values, per sequence
     # blocks of one kind (trainable or frozen, encoder or decoder) save the same bytes: count them
     kinds = Counter((setup.full_trainable and index >= frozen, encdec and index >= arch.num_layers) for index in range(arch.total_layers))
     blocks = {kind: block_activations(arch, model.modules, setup, workload, kind[0], decoder=kind[1]) for kind in kinds}
     per_kind = {
-        kind: int((layer.block_bytes(batch, dec_len, memory_len=enc_len) if kind[1] else layer.block_bytes(batch, enc_len)) / setup.tensor_parallel)
+        kind: int((layer.block_bytes(batch, dec_len, memory_len=enc_len) if kind[1] else layer.block_bytes(batch, enc_len, memory_len=past))
+                  / setup.tensor_parallel)
         for kind, layer in blocks.items()
     }
     # gradient checkpointing keeps each block's input: the previous block's output, in its dtype

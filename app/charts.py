@@ -26,6 +26,7 @@ TERM_LABELS = {
     "communication_buffers": "Communication buffers", "activations": "Activations", "logits_and_loss": "Logits and loss",
     "autocast_weight_cache": "Autocast weight cache", "transient": "Transient buffers", "kv_cache": "KV cache",
     "cublas_workspace": "cuBLAS workspace", "allocator_reserve": "Allocator reserve", "cuda_context": "CUDA context",
+    "rotary_caches": "Rotary tables",
 }
 TERM_COLORS = {
     "weights": "#3b6fb6", "quantization_constants": "#7aa6e0", "lora_adapters": "#8e5cc2", "master_weights": "#1f4e8c",

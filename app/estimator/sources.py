@@ -14,6 +14,7 @@ SOURCES: dict[str, str] = {
     "logits_and_loss": "logits in the compute dtype, their fp32 upcast and log_softmax output, and their gradients (transformers/loss/loss_utils.py ForCausalLMLoss)",
     "autocast_weight_cache": "torch.autocast caches 16-bit casts of fp32 weights for the forward pass (aten/src/ATen/autocast_mode.cpp)",
     "transient": "bitsandbytes dequantized weight (bitsandbytes/autograd/_functions.py), ZeRO-3/FSDP gathered blocks, optimizer step temporaries (foreach AdamW: one parameter-sized list)",
+    "rotary_caches": "transformers < 4.41 (llama), < 4.42 (mistral), < 4.45 (qwen2, qwen2_moe): every attention layer's rotary embedding registers cos and sin tables of max_position_embeddings x head_dim (modeling_<family>.py _set_cos_sin_cache)",
     "kv_cache": "2 x layers x kv_heads x head_dim x tokens x bytes (transformers DynamicCache)",
     "cublas_workspace": "cuBLAS + cuBLASLt workspaces per handle (aten/src/ATen/cuda/CublasHandlePool.cpp)",
     "allocator_reserve": "caching allocator segments and fragmentation (c10/cuda/CUDACachingAllocator.cpp); fraction of transient bytes, calibrated",

@@ -23,7 +23,12 @@ from app.estimator.params import ModuleKind
 from app.estimator.peft_methods import prefix_tokens
 from app.estimator.setup import SIXTEEN_BIT, Precision, Setup
 from app.estimator.sharding import StateBytes
-from app.estimator.versions import frees_gradients_between_steps, has_per_layer_rotary_caches, prefill_keeps_last_logits_only
+from app.estimator.versions import (
+    frees_gradients_between_steps,
+    has_per_layer_rotary_caches,
+    holds_previous_cache_while_decoding,
+    prefill_keeps_last_logits_only,
+)
 from app.units import DType, dtype_bytes, tensor_bytes
 from app.workload import AttnImplementation, Workload
 
@@ -211,6 +216,9 @@ def _inference_peaks(model: ResolvedModel, setup: Setup, workload: Workload, sta
         head = {**static, "kv_cache": prompt_kv, "activations": prefill_tokens * arch.hidden_size * int(dtype_bytes(setup.residual_dtype)) // gpus,
                 "logits_and_loss": prefill_tokens * arch.vocab_size * (logits_dtype_bytes(setup) + FP32) // gpus, "transient": 0}
         prefill = max(prefill, head, key=lambda terms: sum(terms.values()))
+    # the last step's tuples beside the new ones; a single new token comes from the prefill alone
+    if holds_previous_cache_while_decoding(workload.software) and inference.max_new_tokens > 1:
+        kv += kv_cache_bytes(arch, tokens - 1, inference.batch_size, cache_dtype) // gpus
     decode = {**static, "kv_cache": kv, "activations": 0, "logits_and_loss": logits, "transient": 0}
     return _pick_inference(prefill, decode, sum(static.values()))
 

@@ -48,6 +48,14 @@ def prefill_keeps_last_logits_only(software: Software) -> bool:
     return parse_version(software.transformers, "transformers") >= (4, 45)
 
 
+# Rule transformers436_cache_update: before 4.36 every attention layer returned a new tuple,
+# ``key_states = torch.cat([past_key_value[0], key_states], dim=2)`` (modeling_llama.py 4.35.2), while
+# generate still held the previous step's tuples: at the end of a decoding step both caches are alive.
+# 4.36 introduced cache_utils.py DynamicCache, whose ``update`` replaces each layer's tensors in place.
+def holds_previous_cache_while_decoding(software: Software) -> bool:
+    return parse_version(software.transformers, "transformers") < (4, 36)
+
+
 # Rule transformers4_rotary_caches: before these transformers versions every attention layer built
 # its own rotary embedding with cos/sin tables of max_position_embeddings x head_dim, registered as
 # buffers in the default dtype at init (the load dtype under from_pretrained(torch_dtype=...)):

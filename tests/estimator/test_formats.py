@@ -209,3 +209,22 @@ def test_transformers_before_4_45_computes_every_prompt_positions_logits_at_pref
     old, new = _qwen2_inference(catalog, "4.44.2", 4096), _qwen2_inference(catalog, "4.45.0", 4096)
     assert old.peak_phase == "prefill" and old.terms["logits_and_loss"] == 4096 * 151936 * (2 + 4)
     assert new.terms["logits_and_loss"] == 151936 * 4
+
+
+@pytest.mark.parametrize("new_tokens", [64, 1])
+def test_transformers_before_4_36_holds_two_caches_at_the_end_of_a_decoding_step(catalog, new_tokens):
+    """4.35: each layer returns ``torch.cat([past_key_value[0], key_states])`` while generate still holds
+    the previous tuples; 4.36's DynamicCache replaces them in place. One new token needs no decoding step."""
+    from app.estimator.logits import kv_cache_bytes
+    from app.estimator.model import resolve_model
+    from app.workload import DType, Workload
+
+    def decode_bytes(transformers: str) -> tuple[int, Workload]:
+        data = {"model": {"id": "meta-llama/Llama-2-7b-hf", "dtype": "float16"}, "task": "inference",
+                "inference": {"batch_size": 8, "prompt_tokens": 2048, "max_new_tokens": new_tokens}, "software": {"transformers": transformers}}
+        return run_estimate(catalog, data).phase_peaks["decode"], Workload.model_validate(data)
+
+    (old, workload), (new, _) = decode_bytes("4.35.2"), decode_bytes("4.36.2")
+    arch = resolve_model(workload.model, catalog).arch
+    previous = kv_cache_bytes(arch, 2048 + new_tokens - 1, 8, DType.float16) if new_tokens > 1 else 0
+    assert old - new == previous

@@ -116,12 +116,22 @@ def per_gpu_states(model: ResolvedModel, setup: Setup, workload: Workload) -> St
         gradients=gradients,
         optimizer_states=optimizer,
         paged_bytes=paged,
-        optimizer_step_temporary=_step_temporary(optim, groups, grad_dtype, shard_states * tp, offload_opt,
-                                                 foreach_by_default(workload.software)),
+        optimizer_step_temporary=(_deepspeed_fp32_grad_copy(counts.trainable, grad_dtype, shard_states * tp) if masters and not offload_opt
+                                  else _step_temporary(optim, groups, grad_dtype, shard_states * tp, offload_opt,
+                                                       foreach_by_default(workload.software))),
         communication_buffers=_communication_buffers(model, setup, grads),
         largest_weight_bytes=_largest_quantized(model, setup, workload),
         gathered_layer_bytes=_gathered_layer(model, setup),
     )
+
+
+def _deepspeed_fp32_grad_copy(trainable: int, grad_dtype: DType, shards: int) -> int:
+    """DeepSpeed's step with fp32 masters flattens the 16-bit gradient partition (a copy) and casts it
+    to fp32 for the optimizer, both alive at once: ``self.flatten(self.averaged_gradients[i]).to(fp32)``
+    (deepspeed 0.14 runtime/zero/stage_1_and_2.py step, stage3.py _prepare_fp32_grad_for_sub_group).
+    Its FusedAdam updates in place, with no temporaries of its own."""
+    partition = _ceil_div(trainable, shards)
+    return tensor_bytes(partition, grad_dtype) + tensor_bytes(partition, DType.float32)
 
 
 def _ceil_div(value: int, parts: int) -> int:

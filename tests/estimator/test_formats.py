@@ -228,3 +228,20 @@ def test_transformers_before_4_36_holds_two_caches_at_the_end_of_a_decoding_step
     arch = resolve_model(workload.model, catalog).arch
     previous = kv_cache_bytes(arch, 2048 + new_tokens - 1, 8, DType.float16) if new_tokens > 1 else 0
     assert old - new == previous
+
+
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_deepspeed_step_holds_a_16_bit_flat_copy_and_an_fp32_copy_of_the_gradient_partition(catalog, strategy):
+    """deepspeed 0.14 stage_1_and_2.py step / stage3.py _prepare_fp32_grad_for_sub_group:
+    ``self.flatten(self.averaged_gradients[i]).to(fp32)``: 2 + 4 bytes per parameter of the partition."""
+    from app.estimator.model import resolve_model
+    from app.estimator.setup import resolve_setup
+    from app.estimator.sharding import per_gpu_states
+    from app.workload import Workload
+
+    workload = Workload.model_validate({"model": {"id": "meta-llama/Llama-2-7b-hf", "dtype": "bfloat16"}, "training": {"bf16": True},
+                                        "hardware": {"gpu": "A100-80GB", "num_gpus": 4}, "distributed": {"strategy": strategy}})
+    model = resolve_model(workload.model, catalog)
+    states = per_gpu_states(model, resolve_setup(workload, model.arch, model.modules, catalog.gpu("A100-80GB")), workload)
+    partition = -(-states.counts.trainable // 4)
+    assert states.optimizer_step_temporary == partition * (2 + 4)

@@ -75,7 +75,7 @@ class Catalog(BaseModel):
 
     def model(self, model_id: str) -> ModelProfile:
         """The profile of ``model_id`` (a Hugging Face id; case-insensitive)."""
-        found = self.models.get(model_id) or _find_casefold(self.models, model_id)
+        found = self._find_model(model_id)
         if found is None:
             raise UnknownModelError(
                 f"unknown model {model_id!r}: not in the catalog ({len(self.models)} models; "
@@ -85,7 +85,10 @@ class Catalog(BaseModel):
 
     def has_model(self, model_id: str) -> bool:
         """Whether ``model_id`` is in the catalog (case-insensitive, as ``model``)."""
-        return model_id in self.models or _find_casefold(self.models, model_id) is not None
+        return self._find_model(model_id) is not None
+
+    def _find_model(self, model_id: str) -> ModelProfile | None:
+        return self.models.get(model_id) or _find_casefold(self.models, model_id)
 
     def gpu(self, gpu: str) -> GPUProfile:
         """The profile of a GPU id (``nvidia-t4-16gb``) or alias (``T4``, ``A100-80GB``, ``4090``)."""

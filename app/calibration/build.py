@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from app.calibration.patches import patched
 from app.workload import Quantization, Task, Workload
 
 if TYPE_CHECKING:
@@ -380,12 +381,8 @@ def _dora_magnitude_by_shape() -> Iterator[None]:
         dtype = torch.promote_types(base_dtype, lora_A.dtype)
         self.weight = torch.nn.Parameter(torch.empty(lora_B.shape[0], dtype=dtype, device="meta"), requires_grad=True)
 
-    original = DoraLinearLayer.update_layer
-    DoraLinearLayer.update_layer = update_layer
-    try:
+    with patched(DoraLinearLayer, "update_layer", update_layer):
         yield
-    finally:
-        DoraLinearLayer.update_layer = original
 
 
 def apply_peft(model: nn.Module, workload: Workload) -> nn.Module:

@@ -38,7 +38,7 @@ from app.estimator.blocks_ops import FP32, Axis, Ia3Rules, LoraRules, Part, Rule
 from app.estimator.blocks_t5 import t5_decoder_block, t5_encoder_block
 from app.estimator.params import Module
 from app.estimator.peft_methods import ia3_module_names, prefix_tokens
-from app.estimator.setup import Precision, Setup
+from app.estimator.setup import Precision, Setup, lora_casts_input
 from app.units import dtype_bytes
 from app.workload import AttnImplementation, PeftType, Workload
 
@@ -146,7 +146,7 @@ def _rules(arch: Architecture, modules: list[Module], setup: Setup, workload: Wo
             rank=lora.r,
             adapter_size=int(dtype_bytes(lora.adapter_dtype)),
             dropout=lora.lora_dropout,
-            cast_input=not (setup.precision is Precision.quantized and setup.autocast is not None),
+            cast_input=lora_casts_input(setup),
             dora=lora.use_dora,
         )
     weight_size, linear_weight_size = _weight_sizes(setup)

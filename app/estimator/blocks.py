@@ -132,6 +132,17 @@ def llama_block(tape: Tape, arch: Architecture, x: Tensor, moe_block: Callable[[
     return residual(tape, x, dropout(tape, out, arch.hidden_dropout))
 
 
+def _pre_norm_mlp_after(tape: Tape, arch: Architecture, x: Tensor, attn_out: Tensor, up: str, down: str) -> Tensor:
+    """The second half of a sequential pre-norm block (GPT-2, BLOOM): the attention output (dropout)
+    added to the residual, LayerNorm, the MLP (dropout) added again."""
+    x = residual(tape, x, dropout(tape, attn_out, arch.hidden_dropout))
+    with tape.section(Part.norms):
+        h = layer_norm(tape, x)
+    with tape.section(Part.mlp):
+        out = mlp(tape, arch, h, up, down)
+    return residual(tape, x, dropout(tape, out, arch.hidden_dropout))
+
+
 # -- GPT-2, GPT-BigCode -----------------------------------------------------------------------------
 def gpt2_block(tape: Tape, arch: Architecture, x: Tensor) -> Tensor:
     """GPT2Block / GPTBigCodeBlock: c_attn's output split into q, k, v views (SDPA keeps it whole
@@ -141,12 +152,7 @@ def gpt2_block(tape: Tape, arch: Architecture, x: Tensor) -> Tensor:
     qkv = linear(tape, h, "c_attn", arch.q_dim + 2 * arch.kv_dim)
     q, k, v = view(qkv, arch.q_dim), view(qkv, arch.kv_dim), view(qkv, arch.kv_dim)
     out = attend(tape, arch, q, k, v, softmax_size=None if arch.family == "gpt2" else FP32)
-    x = residual(tape, x, dropout(tape, linear(tape, out, "attn.c_proj", arch.hidden_size), arch.hidden_dropout))
-    with tape.section(Part.norms):
-        h = layer_norm(tape, x)
-    with tape.section(Part.mlp):
-        out = mlp(tape, arch, h, "c_fc", "mlp.c_proj")
-    return residual(tape, x, dropout(tape, out, arch.hidden_dropout))
+    return _pre_norm_mlp_after(tape, arch, x, linear(tape, out, "attn.c_proj", arch.hidden_size), "c_fc", "mlp.c_proj")
 
 
 # -- BERT --------------------------------------------------------------------------------------------
@@ -236,12 +242,7 @@ def bloom_block(tape: Tape, arch: Architecture, x: Tensor) -> Tensor:
     tape.save(q, k, v)
     out = eager_attention(tape, q, k, v, arch.num_heads, arch.num_heads)
     out = linear(tape, heads_last(tape, out), "dense", arch.hidden_size)
-    x = residual(tape, x, dropout(tape, out, arch.hidden_dropout))
-    with tape.section(Part.norms):
-        h = layer_norm(tape, x)
-    with tape.section(Part.mlp):
-        out = mlp(tape, arch, h, "dense_h_to_4h", "dense_4h_to_h")
-    return residual(tape, x, dropout(tape, out, arch.hidden_dropout))
+    return _pre_norm_mlp_after(tape, arch, x, out, "dense_h_to_4h", "dense_4h_to_h")
 
 
 # -- GPT-NeoX ----------------------------------------------------------------------------------------

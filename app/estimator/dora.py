@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from app.estimator.model import ResolvedModel
 from app.estimator.params import ModuleKind
-from app.estimator.setup import Precision, Setup
+from app.estimator.setup import Precision, Setup, lora_casts_input
 from app.units import dtype_bytes
 from app.workload import Workload
 
@@ -33,11 +33,9 @@ def dora_transient_bytes(model: ResolvedModel, setup: Setup, workload: Workload)
     adapter = int(dtype_bytes(lora.adapter_dtype))
     compute = int(dtype_bytes(setup.compute_dtype))
     autocast = setup.autocast is not None
-    quantized = setup.precision is Precision.quantized
-    # x is cast to the adapters' dtype, except by bitsandbytes layers under autocast (peft/tuners/lora/bnb.py)
-    x_size = int(dtype_bytes(setup.residual_dtype)) if quantized and autocast else adapter
+    x_size = adapter if lora_casts_input(setup) else int(dtype_bytes(setup.residual_dtype))
     product = compute if autocast else adapter  # lora_B(lora_A(eye)): autocast runs it in 16 bits
-    weight_is_parameter = not quantized and int(dtype_bytes(setup.weight_dtype)) == x_size
+    weight_is_parameter = setup.precision is not Precision.quantized and int(dtype_bytes(setup.weight_dtype)) == x_size
     largest = 0
     for module in model.modules:
         if module.kind is not ModuleKind.linear or module.name not in setup.lora_targets:

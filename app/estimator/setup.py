@@ -114,6 +114,12 @@ def resolve_lora_targets(lora: LoRA, arch: Architecture, modules: list[Module]) 
     return chosen
 
 
+def lora_casts_input(setup: Setup) -> bool:
+    """Whether PEFT's LoRA layers cast their input to the adapters' dtype (lora/layer.py
+    ``_cast_input_dtype``); bitsandbytes LoRA layers under autocast keep it (peft/tuners/lora/bnb.py)."""
+    return not (setup.precision is Precision.quantized and setup.autocast is not None)
+
+
 def resolve_weight_dtype(workload: Workload, arch: Architecture | None) -> DType:
     """The load dtype. None means transformers 5's ``dtype="auto"``: the config's dtype, else fp32
     (transformers/modeling_utils.py, _get_dtype)."""

@@ -206,18 +206,12 @@ def _build(config: dict[str, Any], setting: dict[str, Any]) -> Any:
 
         model = get_peft_model(model, LoraConfig(r=8, **setting["lora"]))
     if "peft" in setting:
-        import peft
+        from peft import IA3Config, LNTuningConfig, get_peft_model
 
-        config_class = {"IA3": peft.IA3Config, "LN_TUNING": peft.LNTuningConfig}[setting["peft"]["peft_type"]]
+        config_class = {"IA3": IA3Config, "LN_TUNING": LNTuningConfig}[setting["peft"]["peft_type"]]
         task = {"bert": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM", "mt5": "SEQ_2_SEQ_LM"}.get(family, "CAUSAL_LM")
-        model = get_peft_model_of(model, config_class(task_type=task))
+        model = get_peft_model(model, config_class(task_type=task))
     return model.train()
-
-
-def get_peft_model_of(model: Any, config: Any) -> Any:
-    from peft import get_peft_model
-
-    return get_peft_model(model, config)
 
 
 def _saved_bytes(model: Any, setting: dict[str, Any], batch: int, seq: int, memory: int | None = None) -> int:

@@ -66,7 +66,8 @@ router = APIRouter(prefix="/api/v1", responses=ERRORS)
 
 # The dependencies below and the estimate/check handlers are ``async def``: FastAPI runs a plain ``def``
 # in a worker thread, and that hop (anyio's thread pool, its capacity limiter and cancel scopes) cost
-# more CPU than the estimate itself: ~1.17 ms -> ~0.6 ms per POST /estimate (py-spy, bench/bench_load.py).
+# more CPU than the estimate itself (py-spy under load); server CPU per POST /estimate fell from 1.1-1.2 ms
+# to 0.7-0.8 ms (bench/bench_load.py, README Speed).
 # Only what cannot block runs on the event loop: an estimate takes 0.1-0.3 ms (bench/bench_estimate.py);
 # a Hub look-up, a plan, an export and a simulation stay in the thread pool. /healthz is async too.
 
